@@ -1,0 +1,614 @@
+//! The async NBD server: listeners, one task per connection, pipelined
+//! requests with out-of-order replies, graceful shutdown.
+//!
+//! Each connection is served by a single task that owns both halves of the
+//! socket. Requests are parsed from a read buffer, dispatched to the device as
+//! futures polled together (so replies go out in completion order), and the
+//! replies are gathered into vectored writes. Keeping one task per connection
+//! means a request that the device completes inline costs no thread hand-off
+//! at all — the same single wake-up per request a thread-per-request server
+//! pays, without the lock traffic.
+
+use crate::codec::{encode_reply, Decoder, Frame, Op, Outcome, Session, REQUEST_HEADER_LEN};
+use crate::handshake::{Export, Handshake, Progress};
+use crate::proto::Errno;
+use bytes::{Bytes, BytesMut};
+use futures_util::stream::{FuturesUnordered, StreamExt};
+use std::collections::VecDeque;
+use std::future::Future;
+use std::io::{self, IoSlice};
+use std::path::PathBuf;
+use std::pin::Pin;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+use tandem_blockdev::BlockDevice;
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+use tokio::net::{TcpListener, UnixListener};
+use tokio::sync::{watch, Semaphore};
+use tokio::task::JoinSet;
+use tokio::time::Instant;
+use tracing::{debug, info, warn};
+
+/// Limits and identity of one served export.
+#[derive(Clone, Debug)]
+pub struct ServerConfig {
+    /// Export name ("" is always accepted too).
+    pub export_name: String,
+    /// Export description.
+    pub description: Option<String>,
+    /// Connections served at once; further clients wait in the listen backlog.
+    pub max_connections: usize,
+    /// Requests in flight per connection (including replies not yet sent).
+    pub max_inflight: usize,
+    /// Payload bytes in flight per connection (reads and writes together).
+    pub max_inflight_bytes: usize,
+    /// A client must finish the handshake within this time.
+    pub handshake_timeout: Duration,
+    /// After shutdown begins, how long a drained connection stays open to
+    /// answer late requests with ESHUTDOWN before it is closed.
+    pub shutdown_linger: Duration,
+}
+
+impl Default for ServerConfig {
+    fn default() -> Self {
+        Self {
+            export_name: String::new(),
+            description: None,
+            max_connections: 64,
+            // The Linux client queues up to 128 requests per connection.
+            max_inflight: 128,
+            max_inflight_bytes: 256 * 1024 * 1024,
+            handshake_timeout: Duration::from_secs(30),
+            shutdown_linger: Duration::from_millis(500),
+        }
+    }
+}
+
+/// Where to listen.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum ListenAddr {
+    /// TCP `host:port`.
+    Tcp(String),
+    /// A Unix socket path.
+    Unix(PathBuf),
+}
+
+impl ListenAddr {
+    /// Parse `HOST:PORT` or `unix:/path`.
+    pub fn parse(s: &str) -> Result<Self, String> {
+        if let Some(p) = s.strip_prefix("unix:") {
+            if p.is_empty() {
+                return Err("expected a socket path after \"unix:\"".into());
+            }
+            return Ok(Self::Unix(PathBuf::from(p)));
+        }
+        match s.rsplit_once(':') {
+            Some((host, port)) if !host.is_empty() && port.parse::<u16>().is_ok() => {
+                Ok(Self::Tcp(s.to_string()))
+            }
+            _ => Err(format!(
+                "{s:?} is not HOST:PORT (e.g. 127.0.0.1:10809) or unix:/path"
+            )),
+        }
+    }
+}
+
+/// A bound listener.
+pub enum Listener {
+    /// TCP.
+    Tcp(TcpListener),
+    /// Unix socket; the file is removed when the server stops.
+    Unix(UnixListener, PathBuf),
+}
+
+impl Listener {
+    /// Bind `addr`. A stale Unix socket file (nobody listening) is replaced;
+    /// a live one is an error.
+    pub async fn bind(addr: &ListenAddr) -> io::Result<Self> {
+        match addr {
+            ListenAddr::Tcp(a) => Ok(Self::Tcp(TcpListener::bind(a).await?)),
+            ListenAddr::Unix(p) => {
+                if p.exists() {
+                    if std::os::unix::net::UnixStream::connect(p).is_ok() {
+                        return Err(io::Error::new(
+                            io::ErrorKind::AddrInUse,
+                            format!("{} is in use by a running server", p.display()),
+                        ));
+                    }
+                    std::fs::remove_file(p)?;
+                }
+                Ok(Self::Unix(UnixListener::bind(p)?, p.clone()))
+            }
+        }
+    }
+
+    /// The address actually bound, in the `--listen` syntax.
+    pub fn local_addr(&self) -> String {
+        match self {
+            Self::Tcp(l) => l
+                .local_addr()
+                .map(|a| a.to_string())
+                .unwrap_or_else(|_| "?".into()),
+            Self::Unix(_, p) => format!("unix:{}", p.display()),
+        }
+    }
+}
+
+/// Live counters of a running server.
+#[derive(Debug, Default)]
+pub struct ServerStats {
+    clients: AtomicUsize,
+}
+
+impl ServerStats {
+    /// Clients connected right now (past the handshake or in it).
+    pub fn clients(&self) -> usize {
+        self.clients.load(Ordering::Relaxed)
+    }
+}
+
+/// Serve `device` on `listener` until `shutdown` becomes true; then stop
+/// accepting, let every connection drain, and return.
+pub async fn serve<D: BlockDevice>(
+    device: Arc<D>,
+    config: ServerConfig,
+    listener: Listener,
+    mut shutdown: watch::Receiver<bool>,
+    stats: Arc<ServerStats>,
+) -> io::Result<()> {
+    let config = Arc::new(config);
+    let slots = Arc::new(Semaphore::new(config.max_connections.max(1)));
+    let mut tasks = JoinSet::new();
+    let unix_path = match &listener {
+        Listener::Unix(_, p) => Some(p.clone()),
+        Listener::Tcp(_) => None,
+    };
+    loop {
+        if *shutdown.borrow() {
+            break;
+        }
+        let permit = tokio::select! {
+            p = Arc::clone(&slots).acquire_owned() => match p {
+                Ok(p) => p,
+                Err(_) => break,
+            },
+            _ = shutdown.changed() => continue,
+        };
+        let accepted = tokio::select! {
+            a = accept(&listener) => a,
+            _ = shutdown.changed() => continue,
+            // Reap finished connection tasks so the set stays small.
+            Some(_) = tasks.join_next(), if !tasks.is_empty() => continue,
+        };
+        let (stream, peer) = match accepted {
+            Ok(s) => s,
+            Err(e) => {
+                // EMFILE and friends: back off instead of spinning.
+                warn!("accept failed: {e}");
+                tokio::time::sleep(Duration::from_millis(100)).await;
+                continue;
+            }
+        };
+        let device = Arc::clone(&device);
+        let config = Arc::clone(&config);
+        let shutdown = shutdown.clone();
+        let stats = Arc::clone(&stats);
+        tasks.spawn(async move {
+            stats.clients.fetch_add(1, Ordering::Relaxed);
+            info!(%peer, "client connected");
+            let r = match stream {
+                Stream::Tcp(s) => {
+                    let (r, w) = s.into_split();
+                    connection(&*device, &config, r, w, shutdown).await
+                }
+                Stream::Unix(s) => {
+                    let (r, w) = s.into_split();
+                    connection(&*device, &config, r, w, shutdown).await
+                }
+            };
+            match r {
+                Ok(()) => info!(%peer, "client disconnected"),
+                Err(e) => warn!(%peer, "connection closed: {e}"),
+            }
+            stats.clients.fetch_sub(1, Ordering::Relaxed);
+            drop(permit);
+        });
+    }
+    drop(listener);
+    if let Some(p) = unix_path {
+        let _ = std::fs::remove_file(&p);
+    }
+    while tasks.join_next().await.is_some() {}
+    Ok(())
+}
+
+enum Stream {
+    Tcp(tokio::net::TcpStream),
+    Unix(tokio::net::UnixStream),
+}
+
+async fn accept(listener: &Listener) -> io::Result<(Stream, String)> {
+    match listener {
+        Listener::Tcp(l) => {
+            let (s, a) = l.accept().await?;
+            // Replies are latency-critical and already batched by us.
+            s.set_nodelay(true)?;
+            Ok((Stream::Tcp(s), a.to_string()))
+        }
+        Listener::Unix(l, p) => {
+            let (s, _) = l.accept().await?;
+            Ok((Stream::Unix(s), p.display().to_string()))
+        }
+    }
+}
+
+/// Why a connection ended abnormally.
+#[derive(Debug, thiserror::Error)]
+pub enum ConnError {
+    /// Socket error.
+    #[error("{0}")]
+    Io(#[from] io::Error),
+    /// Handshake violation.
+    #[error("handshake: {0}")]
+    Handshake(#[from] crate::handshake::HandshakeError),
+    /// Transmission violation.
+    #[error("{0}")]
+    Decode(#[from] crate::codec::DecodeError),
+    /// The client took too long to negotiate.
+    #[error("handshake not finished within {0:?}")]
+    HandshakeTimeout(Duration),
+    /// The client vanished in the middle of a request.
+    #[error("client disconnected in the middle of a request ({0} bytes of it received)")]
+    Truncated(usize),
+}
+
+/// Serve one client: handshake, then transmission.
+pub async fn connection<D, R, W>(
+    device: &D,
+    config: &ServerConfig,
+    mut r: R,
+    mut w: W,
+    mut shutdown: watch::Receiver<bool>,
+) -> Result<(), ConnError>
+where
+    D: BlockDevice,
+    R: AsyncRead + Unpin,
+    W: AsyncWrite + Unpin,
+{
+    let caps = device.capabilities();
+    let export = Export {
+        name: config.export_name.clone(),
+        description: config.description.clone(),
+        size: device.size(),
+        caps,
+    };
+    let mut out = BytesMut::with_capacity(512);
+    let mut input = BytesMut::with_capacity(64 * 1024);
+    let mut hs = Handshake::new(export, &mut out);
+    let deadline = Instant::now() + config.handshake_timeout;
+    let mut linger: Option<Instant> = None;
+    let negotiated = loop {
+        if !out.is_empty() {
+            w.write_all(&out).await?;
+            out.clear();
+        }
+        let n = tokio::select! {
+            n = r.read_buf(&mut input) => n?,
+            _ = tokio::time::sleep_until(deadline) => {
+                return Err(ConnError::HandshakeTimeout(config.handshake_timeout))
+            }
+            _ = shutdown.changed(), if linger.is_none() => {
+                hs.set_shutting_down();
+                linger = Some(Instant::now() + config.shutdown_linger);
+                continue;
+            }
+            _ = sleep_until_opt(linger) => return Ok(()),
+        };
+        if n == 0 {
+            // Clients that only list exports or probe may just hang up.
+            return Ok(());
+        }
+        match hs.feed(&mut input, &mut out)? {
+            Progress::NeedMore => {}
+            Progress::Aborted => {
+                w.write_all(&out).await?;
+                let _ = w.shutdown().await;
+                return Ok(());
+            }
+            Progress::Done(n) => {
+                w.write_all(&out).await?;
+                out.clear();
+                break n;
+            }
+        }
+    };
+    let session = Session {
+        size: device.size(),
+        transmission_flags: negotiated.transmission_flags,
+        structured: negotiated.structured,
+        base_allocation: negotiated.base_allocation,
+        max_payload: caps.block_sizes.maximum_payload,
+    };
+    debug!(?negotiated, "transmission phase");
+    transmission(device, config, session, input, r, w, shutdown).await
+}
+
+async fn sleep_until_opt(t: Option<Instant>) {
+    match t {
+        Some(t) => tokio::time::sleep_until(t).await,
+        None => std::future::pending().await,
+    }
+}
+
+type OpFuture<'a> = Pin<Box<dyn Future<Output = (u64, usize, Outcome)> + Send + 'a>>;
+
+/// Replies waiting to be written, as a list of byte chunks for writev.
+struct OutQueue {
+    /// Small reply headers accumulate here contiguously.
+    head: BytesMut,
+    chunks: VecDeque<Bytes>,
+    bytes: usize,
+}
+
+/// Most iovecs handed to one writev.
+const MAX_IOV: usize = 64;
+
+impl OutQueue {
+    fn new() -> Self {
+        Self {
+            head: BytesMut::with_capacity(16 * 1024),
+            chunks: VecDeque::new(),
+            bytes: 0,
+        }
+    }
+
+    fn is_empty(&self) -> bool {
+        self.bytes == 0
+    }
+
+    fn push(&mut self, structured: bool, cookie: u64, outcome: Outcome) {
+        let before = self.head.len();
+        let data = encode_reply(&mut self.head, structured, cookie, outcome);
+        self.bytes += self.head.len() - before;
+        if let Some(data) = data {
+            self.chunks.push_back(self.head.split().freeze());
+            self.bytes += data.len();
+            self.chunks.push_back(data);
+        }
+    }
+
+    /// One vectored write; cancel-safe (nothing is consumed until it returns).
+    async fn write_some<W: AsyncWrite + Unpin>(&mut self, w: &mut W) -> io::Result<()> {
+        if !self.head.is_empty() {
+            self.chunks.push_back(self.head.split().freeze());
+        }
+        let n = {
+            let iov: Vec<IoSlice<'_>> = self
+                .chunks
+                .iter()
+                .take(MAX_IOV)
+                .map(|c| IoSlice::new(c))
+                .collect();
+            w.write_vectored(&iov).await?
+        };
+        if n == 0 {
+            return Err(io::ErrorKind::WriteZero.into());
+        }
+        self.bytes -= n;
+        let mut left = n;
+        while left > 0 {
+            let Some(front) = self.chunks.front_mut() else {
+                break;
+            };
+            if front.len() <= left {
+                left -= front.len();
+                self.chunks.pop_front();
+            } else {
+                let _ = front.split_to(left);
+                left = 0;
+            }
+        }
+        Ok(())
+    }
+}
+
+/// Read-buffer growth step: enough for a burst of small requests or a
+/// good slice of a large write.
+const READ_CHUNK: usize = 256 * 1024;
+
+async fn transmission<D, R, W>(
+    device: &D,
+    config: &ServerConfig,
+    session: Session,
+    mut rbuf: BytesMut,
+    mut r: R,
+    mut w: W,
+    mut shutdown: watch::Receiver<bool>,
+) -> Result<(), ConnError>
+where
+    D: BlockDevice,
+    R: AsyncRead + Unpin,
+    W: AsyncWrite + Unpin,
+{
+    let mut decoder = Decoder::new(session.max_payload);
+    let mut inflight: FuturesUnordered<OpFuture<'_>> = FuturesUnordered::new();
+    let mut inflight_bytes = 0usize;
+    let mut out = OutQueue::new();
+    let mut eof = false;
+    let mut disconnecting = false;
+    let mut shutting_down = *shutdown.borrow();
+    let mut linger: Option<Instant> =
+        shutting_down.then(|| Instant::now() + config.shutdown_linger);
+
+    loop {
+        // Parse and dispatch while there is room. Replies not yet written
+        // count against the limits too, so a client that never reads its
+        // replies cannot make us buffer without bound.
+        while !disconnecting
+            && inflight.len() < config.max_inflight
+            && inflight_bytes + out.bytes < config.max_inflight_bytes
+        {
+            let Some(frame) = decoder.decode(&mut rbuf)? else {
+                break;
+            };
+            let (header, payload) = match frame {
+                Frame::Request { header, payload } => (header, payload),
+                Frame::Oversized(header) => {
+                    out.push(
+                        session.structured,
+                        header.cookie,
+                        Outcome::Error(Errno::Inval),
+                    );
+                    continue;
+                }
+            };
+            let op = match session.validate(&header, payload) {
+                Ok(Op::Disconnect) => {
+                    disconnecting = true;
+                    break;
+                }
+                Ok(_) if shutting_down => Err(Errno::Shutdown),
+                other => other,
+            };
+            match op {
+                Err(e) => out.push(session.structured, header.cookie, Outcome::Error(e)),
+                Ok(op) => {
+                    let cost = op_bytes(&op);
+                    inflight_bytes += cost;
+                    inflight.push(run(device, header.cookie, cost, op));
+                }
+            }
+        }
+
+        if (eof || disconnecting) && inflight.is_empty() && out.is_empty() {
+            if eof && !rbuf.is_empty() && !disconnecting {
+                return Err(ConnError::Truncated(rbuf.len()));
+            }
+            return Ok(());
+        }
+
+        let room = inflight.len() < config.max_inflight
+            && inflight_bytes + out.bytes < config.max_inflight_bytes;
+        let want_read = !eof && !disconnecting && room;
+        if want_read {
+            let want = decoder.wanted(&rbuf).max(READ_CHUNK.min(64 * 1024));
+            if rbuf.capacity() - rbuf.len() < want {
+                rbuf.reserve(want.max(READ_CHUNK));
+            }
+        }
+
+        tokio::select! {
+            biased;
+            Some((cookie, cost, outcome)) = inflight.next(), if !inflight.is_empty() => {
+                inflight_bytes -= cost;
+                out.push(session.structured, cookie, outcome);
+            }
+            res = out.write_some(&mut w), if !out.is_empty() => res?,
+            res = r.read_buf(&mut rbuf), if want_read => {
+                if res? == 0 {
+                    eof = true;
+                }
+            }
+            _ = shutdown.changed(), if !shutting_down => {
+                shutting_down = true;
+                linger = Some(Instant::now() + config.shutdown_linger);
+            }
+            _ = sleep_until_opt(linger), if linger.is_some() => {
+                if inflight.is_empty() && out.is_empty() {
+                    debug!("closing connection after shutdown linger");
+                    return Ok(());
+                }
+                // Keep draining; check again shortly.
+                linger = Some(Instant::now() + Duration::from_millis(50));
+            }
+        }
+    }
+}
+
+/// Payload bytes an operation holds while in flight.
+fn op_bytes(op: &Op) -> usize {
+    match op {
+        Op::Read { length, .. } => *length as usize,
+        Op::Write { data, .. } => data.len(),
+        _ => 0,
+    }
+    .max(REQUEST_HEADER_LEN)
+}
+
+/// Most extents in one block-status reply: bounds the reply size while
+/// still describing a fragmented file in useful detail.
+const MAX_EXTENTS: usize = 1024;
+
+fn run<D: BlockDevice>(device: &D, cookie: u64, cost: usize, op: Op) -> OpFuture<'_> {
+    Box::pin(async move {
+        let result = match op {
+            Op::Read { offset, length } => device
+                .read(offset, length as usize)
+                .await
+                .map(|data| Outcome::Data { offset, data }),
+            Op::Write { offset, data, fua } => device
+                .write(offset, data, fua)
+                .await
+                .map(|()| Outcome::Done),
+            Op::Flush => device.flush().await.map(|()| Outcome::Done),
+            Op::Trim {
+                offset,
+                length,
+                fua,
+            } => device
+                .trim(offset, length as u64, fua)
+                .await
+                .map(|()| Outcome::Done),
+            Op::WriteZeroes {
+                offset,
+                length,
+                flags,
+            } => device
+                .write_zeroes(offset, length as u64, flags)
+                .await
+                .map(|()| Outcome::Done),
+            Op::Cache { offset, length } => device
+                .cache(offset, length as u64)
+                .await
+                .map(|()| Outcome::Done),
+            Op::BlockStatus {
+                offset,
+                length,
+                req_one,
+            } => {
+                let max = if req_one { 1 } else { MAX_EXTENTS };
+                device
+                    .block_status(offset, length as u64, max)
+                    .await
+                    .map(|mut extents| {
+                        // Descriptors must be non-empty and, with REQ_ONE,
+                        // within the request; a device that returned nothing
+                        // gets the safe answer "all data".
+                        extents.retain(|e| e.length > 0);
+                        extents.truncate(max);
+                        if extents.is_empty() {
+                            extents.push(tandem_blockdev::Extent {
+                                length: length as u64,
+                                hole: false,
+                                zero: false,
+                            });
+                        }
+                        for e in &mut extents {
+                            e.length = e.length.min(length as u64);
+                        }
+                        Outcome::Extents(extents)
+                    })
+            }
+            Op::Disconnect => Ok(Outcome::Done),
+        };
+        let outcome = result.unwrap_or_else(|e| {
+            let errno = Errno::from_io(&e);
+            if errno == Errno::Io {
+                warn!("I/O error: {e}");
+            }
+            Outcome::Error(errno)
+        });
+        (cookie, cost, outcome)
+    })
+}

@@ -1,0 +1,173 @@
+//! The `tandem` command.
+//!
+//! Exit codes: 0 success; 1 the operation failed (the message says why);
+//! 2 bad command line.
+
+use clap::{Args, Parser, Subcommand};
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::sync::Arc;
+use std::time::Duration;
+use tandem_blockdev::{BlockDevice, FileDevice, FileOptions};
+use tandem_nbd::{ListenAddr, Listener, ServerConfig, ServerStats};
+use tokio::sync::watch;
+use tracing::{info, warn};
+
+/// tandem: a DRBD-style replicated block device in userspace.
+#[derive(Parser, Debug)]
+#[command(name = "tandem", version, about, propagate_version = true)]
+struct Cli {
+    /// Directory of resource configuration files [env: TANDEM_CONFIG_DIR] [default: /etc/tandem]
+    #[arg(long, global = true, value_name = "DIR")]
+    config_dir: Option<PathBuf>,
+    /// This node's name [env: TANDEM_NODE] [default: the host name]
+    #[arg(long, global = true, value_name = "NAME")]
+    node: Option<String>,
+    /// Directory for control sockets and pid files [env: TANDEM_RUN_DIR] [default: /run/tandem]
+    #[arg(long, global = true, value_name = "DIR")]
+    run_dir: Option<PathBuf>,
+    #[command(subcommand)]
+    verb: Verb,
+}
+
+#[derive(Subcommand, Debug)]
+enum Verb {
+    /// Serve a file or block device over NBD, without replication
+    /// (a baseline and a debugging aid).
+    Serve(ServeArgs),
+}
+
+#[derive(Args, Debug)]
+struct ServeArgs {
+    /// Backing file or block device.
+    path: PathBuf,
+    /// Listen address: HOST:PORT (port 0 picks a free one) or unix:/path.
+    #[arg(long, value_name = "ADDR", value_parser = ListenAddr::parse)]
+    listen: ListenAddr,
+    /// Refuse writes, trims and zeroing.
+    #[arg(long)]
+    read_only: bool,
+    /// Export name offered to clients (the empty name also works).
+    #[arg(long, value_name = "NAME", default_value = "")]
+    export_name: String,
+    /// Export description shown by `nbdinfo`.
+    #[arg(long, value_name = "TEXT")]
+    description: Option<String>,
+    /// Bypass the page cache (O_DIRECT) for aligned requests.
+    #[arg(long)]
+    direct: bool,
+    /// Most clients served at once.
+    #[arg(long, value_name = "N", default_value_t = 64)]
+    max_connections: usize,
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    tracing_subscriber::fmt()
+        .with_writer(std::io::stderr)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
+        )
+        .init();
+    let result = match cli.verb {
+        Verb::Serve(args) => serve(args),
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(msg) => {
+            eprintln!("tandem: {msg}");
+            ExitCode::from(1)
+        }
+    }
+}
+
+/// How long a graceful shutdown may take before the process gives up on
+/// connections that will not drain.
+const SHUTDOWN_TIMEOUT: Duration = Duration::from_secs(30);
+
+fn serve(args: ServeArgs) -> Result<(), String> {
+    let opts = FileOptions {
+        read_only: args.read_only,
+        direct: args.direct,
+        ..FileOptions::default()
+    };
+    let device = FileDevice::open(&args.path, &opts).map_err(|e| e.to_string())?;
+    // A server whose client is the local kernel must keep making progress
+    // when the kernel reclaims memory by writing to this very device.
+    if let Err(e) = rustix::process::configure_io_flusher_behavior(true) {
+        tracing::debug!("PR_SET_IO_FLUSHER not set: {e}");
+    }
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .thread_name("tandem")
+        .build()
+        .map_err(|e| format!("cannot start the runtime: {e}"))?;
+    runtime.block_on(async move {
+        let listener = Listener::bind(&args.listen)
+            .await
+            .map_err(|e| format!("cannot listen on {:?}: {e}", args.listen))?;
+        let addr = listener.local_addr();
+        info!(
+            path = %args.path.display(),
+            size = device.size(),
+            read_only = args.read_only,
+            direct = args.direct,
+            "serving on {addr}"
+        );
+        // The ready line: scripts wait for it and read the bound address.
+        println!("listening on {addr}");
+        use std::io::Write;
+        let _ = std::io::stdout().flush();
+
+        let (tx, rx) = watch::channel(false);
+        let config = ServerConfig {
+            export_name: args.export_name,
+            description: args.description,
+            max_connections: args.max_connections,
+            ..ServerConfig::default()
+        };
+        let stats = Arc::new(ServerStats::default());
+        let server = tokio::spawn(tandem_nbd::serve(
+            Arc::new(device),
+            config,
+            listener,
+            rx,
+            Arc::clone(&stats),
+        ));
+        wait_for_signal().await?;
+        info!(
+            clients = stats.clients(),
+            "shutting down: draining connections"
+        );
+        let _ = tx.send(true);
+        match tokio::time::timeout(SHUTDOWN_TIMEOUT, server).await {
+            Ok(Ok(Ok(()))) => {
+                info!("stopped");
+                Ok(())
+            }
+            Ok(Ok(Err(e))) => Err(format!("server failed: {e}")),
+            Ok(Err(e)) => Err(format!("server task failed: {e}")),
+            Err(_) => {
+                warn!("connections did not drain within {SHUTDOWN_TIMEOUT:?}");
+                Err(format!(
+                    "shutdown timed out after {SHUTDOWN_TIMEOUT:?} with clients still busy"
+                ))
+            }
+        }
+    })
+}
+
+async fn wait_for_signal() -> Result<(), String> {
+    use tokio::signal::unix::{signal, SignalKind};
+    let mut term =
+        signal(SignalKind::terminate()).map_err(|e| format!("cannot catch SIGTERM: {e}"))?;
+    let mut int =
+        signal(SignalKind::interrupt()).map_err(|e| format!("cannot catch SIGINT: {e}"))?;
+    tokio::select! {
+        _ = term.recv() => {}
+        _ = int.recv() => {}
+    }
+    Ok(())
+}
