@@ -194,22 +194,25 @@ impl Session {
             length,
             ..
         } = *header;
-        // FUA is valid on every command once advertised (clients do send it
-        // on reads); other flags only where the spec lists them.
-        let mut allowed = if self.has(tflags::SEND_FUA) {
-            cflags::FUA
-        } else {
-            0
-        };
-        allowed |= match typ {
-            cmd::READ if self.structured && self.has(tflags::SEND_DF) => cflags::DF,
-            cmd::WRITE_ZEROES if self.has(tflags::SEND_FAST_ZERO) => {
-                cflags::NO_HOLE | cflags::FAST_ZERO
-            }
-            cmd::WRITE_ZEROES => cflags::NO_HOLE,
-            cmd::BLOCK_STATUS => cflags::REQ_ONE,
-            _ => 0,
-        };
+        // Modifying a read-only export is EPERM whatever else is wrong with
+        // the request, so clients see the one error that explains it.
+        let modifying = matches!(typ, cmd::WRITE | cmd::TRIM | cmd::WRITE_ZEROES);
+        if modifying && self.has(tflags::READ_ONLY) {
+            return Err(Errno::Perm);
+        }
+        // The spec makes FUA valid on every command, advertised or not (a
+        // read-only export has nothing to make durable, yet clients may still
+        // set it); other flags only where the spec lists them.
+        let allowed = cflags::FUA
+            | match typ {
+                cmd::READ if self.structured && self.has(tflags::SEND_DF) => cflags::DF,
+                cmd::WRITE_ZEROES if self.has(tflags::SEND_FAST_ZERO) => {
+                    cflags::NO_HOLE | cflags::FAST_ZERO
+                }
+                cmd::WRITE_ZEROES => cflags::NO_HOLE,
+                cmd::BLOCK_STATUS => cflags::REQ_ONE,
+                _ => 0,
+            };
         if flags & !allowed != 0 {
             return Err(Errno::Inval);
         }
@@ -217,10 +220,6 @@ impl Session {
         let in_range = offset
             .checked_add(length as u64)
             .is_some_and(|end| end <= self.size);
-        let modifying = matches!(typ, cmd::WRITE | cmd::TRIM | cmd::WRITE_ZEROES);
-        if modifying && self.has(tflags::READ_ONLY) {
-            return Err(Errno::Perm);
-        }
         let range = |past_end: Errno| if in_range { Ok(()) } else { Err(past_end) };
         match typ {
             cmd::READ => {
@@ -465,6 +464,17 @@ mod tests {
         assert_eq!(
             ro.validate(&hdr(cmd::TRIM, 0, 0, 1), None),
             Err(Errno::Perm)
+        );
+        assert_eq!(
+            ro.validate(&hdr(cmd::WRITE, cflags::FUA, 0, 1), None),
+            Err(Errno::Perm)
+        );
+        assert_eq!(
+            ro.validate(&hdr(cmd::READ, cflags::FUA, 0, 1), None),
+            Ok(Op::Read {
+                offset: 0,
+                length: 1
+            })
         );
         // DF without structured replies, block status without a context.
         assert_eq!(

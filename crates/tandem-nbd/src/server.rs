@@ -173,11 +173,12 @@ pub async fn serve<D: BlockDevice>(
                 Ok(p) => p,
                 Err(_) => break,
             },
-            _ = shutdown.changed() => continue,
+            // A dropped sender means nobody can stop us any more: stop now.
+            r = shutdown.changed() => if r.is_err() { break } else { continue },
         };
         let accepted = tokio::select! {
             a = accept(&listener) => a,
-            _ = shutdown.changed() => continue,
+            r = shutdown.changed() => if r.is_err() { break } else { continue },
             // Reap finished connection tasks so the set stays small.
             Some(_) = tasks.join_next(), if !tasks.is_empty() => continue,
         };
