@@ -26,9 +26,16 @@ pub struct FileOptions {
     pub read_only: bool,
     /// Bypass the page cache (O_DIRECT) for aligned requests.
     pub direct: bool,
-    /// Buffered reads and writes up to this many bytes run inline on the
-    /// calling task; larger ones go to the blocking pool.
-    pub inline_max: usize,
+    /// Buffered reads up to this many bytes run inline on the calling task;
+    /// larger ones go to the blocking pool, so that copying them out of the
+    /// page cache overlaps with sending the previous reply.
+    pub inline_read_max: usize,
+    /// Buffered writes without FUA up to this many bytes run inline: the
+    /// payload was just received on this core, and copying it into the page
+    /// cache here beats handing it to another thread (measured in
+    /// docs/benchmarks.md). Larger writes go to the blocking pool so that one
+    /// request never holds a runtime thread for long.
+    pub inline_write_max: usize,
 }
 
 impl Default for FileOptions {
@@ -36,7 +43,8 @@ impl Default for FileOptions {
         Self {
             read_only: false,
             direct: false,
-            inline_max: 256 * 1024,
+            inline_read_max: 256 * 1024,
+            inline_write_max: 1024 * 1024,
         }
     }
 }
@@ -90,7 +98,8 @@ pub struct FileDevice {
     inner: Arc<Inner>,
     size: u64,
     caps: Capabilities,
-    inline_max: usize,
+    inline_read_max: usize,
+    inline_write_max: usize,
 }
 
 impl FileDevice {
@@ -169,7 +178,13 @@ impl FileDevice {
             }),
             size,
             caps,
-            inline_max: if opts.direct { 0 } else { opts.inline_max },
+            // O_DIRECT waits for the disk: never on a runtime thread.
+            inline_read_max: if opts.direct { 0 } else { opts.inline_read_max },
+            inline_write_max: if opts.direct {
+                0
+            } else {
+                opts.inline_write_max
+            },
         })
     }
 
@@ -470,14 +485,14 @@ impl BlockDevice for FileDevice {
 
     async fn read(&self, offset: u64, len: usize) -> io::Result<Bytes> {
         self.check(offset, len as u64)?;
-        self.run(len <= self.inline_max, move |i| i.read(offset, len))
+        self.run(len <= self.inline_read_max, move |i| i.read(offset, len))
             .await
     }
 
     async fn write(&self, offset: u64, data: Bytes, fua: bool) -> io::Result<()> {
         self.writable()?;
         self.check(offset, data.len() as u64)?;
-        let inline = !fua && data.len() <= self.inline_max;
+        let inline = !fua && data.len() <= self.inline_write_max;
         self.run(inline, move |i| i.write(offset, &data, fua)).await
     }
 
@@ -562,7 +577,8 @@ mod tests {
             let dev = open(
                 &f,
                 FileOptions {
-                    inline_max,
+                    inline_read_max: inline_max,
+                    inline_write_max: inline_max,
                     ..FileOptions::default()
                 },
             );
