@@ -16,6 +16,9 @@
 #   --ramp S             unmeasured warm-up seconds per cell   [BENCH_RAMP, 2]
 #   --size-mib N         backing file size in MiB              [BENCH_SIZE_MIB, 1024]
 #   --seq-qd N           queue depth of the 1 MiB rows         [BENCH_SEQ_QD, 8]
+#   --rows LIST          comma-separated subset of the row ids: randwrite-4k-qd1,
+#                        randwrite-4k-qd32, randread-4k-qd1, randread-4k-qd32,
+#                        write-1m-seq, read-1m-seq             [BENCH_ROWS, all]
 #   --work-dir DIR       backing file, raw fio JSON and logs   [BENCH_WORK_DIR, benches/work]
 #   --no-build           use the existing target/release/tandem
 #
@@ -42,6 +45,7 @@ runtime="${BENCH_RUNTIME:-}"
 ramp="${BENCH_RAMP:-}"
 size_mib="${BENCH_SIZE_MIB:-1024}"
 seq_qd="${BENCH_SEQ_QD:-8}"
+only_rows="${BENCH_ROWS:-}"
 work="${BENCH_WORK_DIR:-benches/work}"
 
 while [ $# -gt 0 ]; do
@@ -60,6 +64,8 @@ while [ $# -gt 0 ]; do
     --size-mib=*) size_mib="${1#*=}" ;;
     --seq-qd) seq_qd="${2:?--seq-qd needs N}"; shift ;;
     --seq-qd=*) seq_qd="${1#*=}" ;;
+    --rows) only_rows="${2:?--rows needs a list}"; shift ;;
+    --rows=*) only_rows="${1#*=}" ;;
     --work-dir) work="${2:?--work-dir needs DIR}"; shift ;;
     --work-dir=*) work="${1#*=}" ;;
     -h|--help) usage; exit 0 ;;
@@ -222,6 +228,18 @@ rows=(
   "write-1m-seq|1 MiB sequential write, QD$seq_qd|write|1m|$seq_qd|bw"
   "read-1m-seq|1 MiB sequential read, QD$seq_qd|read|1m|$seq_qd|bw"
 )
+if [ -n "$only_rows" ]; then
+  IFS=, read -r -a wanted <<<"$only_rows"
+  kept=()
+  for w in "${wanted[@]}"; do
+    found=0
+    for r in "${rows[@]}"; do
+      if [ "${r%%|*}" = "$w" ]; then kept+=("$r"); found=1; fi
+    done
+    [ "$found" -eq 1 ] || die "unknown row '$w' (see --help for the row ids)"
+  done
+  rows=("${kept[@]}")
+fi
 : >"$run_dir/rows.tsv"
 for r in "${rows[@]}"; do
   IFS='|' read -r id label _rw _bs _qd kind <<<"$r"
@@ -241,7 +259,7 @@ first_line() { "$@" 2>&1 | head -n 1; }
 {
   printf 'date\t%s\n' "$(date '+%Y-%m-%d %H:%M:%S %Z')"
   printf 'servers\t%s\n' "$servers"
-  printf 'command\t`%s`\n' "benches/nbd-bench.sh --servers $servers --rounds $rounds --runtime $runtime --ramp $ramp --size-mib $size_mib --seq-qd $seq_qd"
+  printf 'command\t`%s`\n' "benches/nbd-bench.sh --servers $servers --rounds $rounds --runtime $runtime --ramp $ramp --size-mib $size_mib --seq-qd $seq_qd${only_rows:+ --rows $only_rows}"
   printf 'machine\t%s CPUs (%s), %s, kernel %s\n' "$(nproc)" \
     "$(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2- | sed 's/^ *//')" \
     "$(awk '/MemTotal/ {printf "%.0f GiB RAM", $2 / 1048576}' /proc/meminfo)" "$(uname -r)"
