@@ -3,6 +3,8 @@
 //! Exit codes: 0 success; 1 the operation failed (the message says why);
 //! 2 bad command line.
 
+mod meta_cmd;
+
 use clap::{Args, Parser, Subcommand};
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -17,6 +19,15 @@ use tracing::{info, warn};
 #[derive(Parser, Debug)]
 #[command(name = "tandem", version, about, propagate_version = true)]
 struct Cli {
+    #[command(flatten)]
+    globals: Globals,
+    #[command(subcommand)]
+    verb: Verb,
+}
+
+/// Where configuration and runtime files are, and who this node is.
+#[derive(Args, Debug)]
+struct Globals {
     /// Directory of resource configuration files [env: TANDEM_CONFIG_DIR] [default: /etc/tandem]
     #[arg(long, global = true, value_name = "DIR")]
     config_dir: Option<PathBuf>,
@@ -26,12 +37,32 @@ struct Cli {
     /// Directory for control sockets and pid files [env: TANDEM_RUN_DIR] [default: /run/tandem]
     #[arg(long, global = true, value_name = "DIR")]
     run_dir: Option<PathBuf>,
-    #[command(subcommand)]
-    verb: Verb,
 }
 
 #[derive(Subcommand, Debug)]
 enum Verb {
+    /// Write fresh metadata on this node's disk.
+    CreateMd {
+        /// Resource name (its configuration is CONFIG_DIR/RESOURCE.toml).
+        resource: String,
+        /// Overwrite existing metadata.
+        #[arg(long)]
+        force: bool,
+    },
+    /// Print the metadata: superblock, generation ids, flags, activity log,
+    /// out-of-sync count.
+    DumpMd {
+        /// Resource name.
+        resource: String,
+        /// Machine-readable JSON instead of text.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Destroy the metadata.
+    WipeMd {
+        /// Resource name.
+        resource: String,
+    },
     /// Serve a file or block device over NBD, without replication
     /// (a baseline and a debugging aid).
     Serve(ServeArgs),
@@ -71,8 +102,18 @@ fn main() -> ExitCode {
                 .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
         )
         .init();
+    let g = &cli.globals;
     let result = match cli.verb {
         Verb::Serve(args) => serve(args),
+        Verb::CreateMd { resource, force } => {
+            meta_target(g, &resource).and_then(|t| meta_cmd::create_md(&t, force).map(say))
+        }
+        Verb::DumpMd { resource, json } => {
+            meta_target(g, &resource).and_then(|t| meta_cmd::dump_md(&t, json).map(say))
+        }
+        Verb::WipeMd { resource } => {
+            meta_target(g, &resource).and_then(|t| meta_cmd::wipe_md(&t).map(say))
+        }
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
@@ -81,6 +122,27 @@ fn main() -> ExitCode {
             ExitCode::from(1)
         }
     }
+}
+
+fn say(line: String) {
+    println!("{line}");
+}
+
+/// This node's metadata location for `resource`, from its configuration.
+fn meta_target(g: &Globals, resource: &str) -> Result<meta_cmd::MetaTarget, String> {
+    let paths =
+        tandem_config::Paths::resolve(g.config_dir.clone(), g.node.clone(), g.run_dir.clone());
+    let cfg = tandem_config::load(&paths.config_dir, resource).map_err(|e| e.to_string())?;
+    let node = cfg.node(&paths.node).map_err(|e| e.to_string())?;
+    Ok(meta_cmd::MetaTarget {
+        resource: resource.to_string(),
+        disk: node.disk.clone(),
+        meta_disk: match &node.meta_disk {
+            tandem_config::MetaDisk::Internal => None,
+            tandem_config::MetaDisk::External(p) => Some(p.clone()),
+        },
+        al_extents: cfg.disk.al_extents,
+    })
 }
 
 /// How long a graceful shutdown may take before the process gives up on
