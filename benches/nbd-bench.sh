@@ -192,6 +192,16 @@ start_server() {
   return 1
 }
 
+# Share of the backing file in the page cache, e.g. "100%".
+cached_pct() {
+  if command -v fincore >/dev/null 2>&1; then
+    fincore --bytes --noheadings --output RES "$img" 2>/dev/null |
+      awk -v size="$((size_mib * 1048576))" '{printf "%.0f%%", 100 * $1 / size}'
+  else
+    echo "unknown (no fincore)"
+  fi
+}
+
 # CPU seconds (user+system) the running server has used so far.
 server_cpu() {
   local stat
@@ -310,8 +320,11 @@ for ((ri = 0; ri < ${#rows[@]}; ri++)); do
       done_cells=$((done_cells + 1))
       out="$id.$s.r$round.json"
       # Flush dirty pages from the previous cell so that its writeback is not
-      # charged to this one.
+      # charged to this one, and pull the whole file back into the page
+      # cache: memory reclaim (this VM runs DAMON's proactive pageout) evicts
+      # it between cells, and a cell that starts cold measures the disk.
       sync
+      cat "$img" >/dev/null
       port=$(free_port)
       if ! start_server "$s" "$port"; then
         printf '%s\t%s\t%s\t%s\t\t\n' "$id" "$round" "$s" "server did not start" >>"$cells"
@@ -347,7 +360,7 @@ EOF
         summary=$status
         failed=1
       fi
-      log "[$done_cells/$total] $label, round $round, $s: $summary"
+      log "[$done_cells/$total] $label, round $round, $s: $summary; file cached after the cell: $(cached_pct)"
     done
   done
 done
