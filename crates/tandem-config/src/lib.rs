@@ -8,9 +8,10 @@
 
 #![cfg_attr(test, allow(clippy::unwrap_used))]
 
+mod read;
 mod values;
 
-use serde::Deserialize;
+use read::{describe, Section};
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
@@ -20,14 +21,14 @@ pub use values::{parse_duration, parse_rate};
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
     /// The file could not be read.
-    #[error("cannot read {}: {source} (is the resource configured?)", file.display())]
+    #[error("cannot read {}: {}{}", file.display(), io_reason(source), read_hint(source))]
     Read {
         /// The file.
         file: PathBuf,
         /// The error.
         source: std::io::Error,
     },
-    /// Not valid TOML, an unknown key, or a value of the wrong type.
+    /// Not valid TOML (the line and column of the first problem).
     #[error("{}: line {line}, column {column}: {message}", file.display())]
     Syntax {
         /// The file.
@@ -39,7 +40,8 @@ pub enum ConfigError {
         /// What the parser said.
         message: String,
     },
-    /// A value that parses but cannot be used.
+    /// A key that is unknown, missing, of the wrong type or with a value
+    /// that cannot be used.
     #[error("{}: {key}: {message}", file.display())]
     Invalid {
         /// The file.
@@ -50,7 +52,7 @@ pub enum ConfigError {
         message: String,
     },
     /// A resource name that cannot name a file.
-    #[error("invalid resource name {0:?}: use 1 to 64 letters, digits, '_', '-' or '.', not starting with '.'")]
+    #[error("invalid resource name {0:?}: expected {NAME_RULE}")]
     BadResourceName(String),
 }
 
@@ -165,13 +167,15 @@ pub enum MetaDisk {
 pub struct NodeConfig {
     /// The node's name (`--node`, or the host name).
     pub name: String,
-    /// Replication link address, `host:port`.
+    /// Replication link address as written, `host:port` or `[v6]:port`
+    /// (checked: a host name or IP address and a port from 1 to 65535).
     pub address: String,
     /// Backing file or block device.
     pub disk: PathBuf,
     /// Metadata placement.
     pub meta_disk: MetaDisk,
-    /// NBD listen address: `host:port` or `unix:/path`.
+    /// NBD listen address as written: `host:port` or `unix:/absolute/path`
+    /// (checked; the syntax of `tandem_nbd::ListenAddr::parse`).
     pub nbd: String,
 }
 
@@ -289,6 +293,10 @@ pub fn default_node_name() -> String {
         .into_owned()
 }
 
+/// What a name (resource or node) may be: safe as a file name
+/// (`<name>.toml`, `<name>.sock`) and in a message.
+const NAME_RULE: &str = "1 to 64 letters, digits, '_', '-' or '.', not starting with '.'";
+
 fn valid_name(s: &str) -> bool {
     !s.is_empty()
         && s.len() <= 64
@@ -310,291 +318,503 @@ pub fn load(dir: &Path, resource: &str) -> Result<ResourceConfig, ConfigError> {
     parse(&text, &file, resource)
 }
 
-#[derive(Deserialize)]
-#[serde(deny_unknown_fields, rename_all = "kebab-case")]
-struct Raw {
-    protocol: Option<String>,
-    net: Option<RawNet>,
-    disk: Option<RawDisk>,
-    #[serde(default)]
-    node: Vec<RawNode>,
-    #[serde(default)]
-    handlers: BTreeMap<String, String>,
-}
+/// The keys of each table.
+const TOP_KEYS: &[&str] = &["protocol", "net", "disk", "node", "handlers"];
+const NET_KEYS: &[&str] = &[
+    "shared-secret",
+    "ping-int",
+    "ping-timeout",
+    "timeout",
+    "connect-int",
+    "after-sb-0pri",
+    "after-sb-1pri",
+    "after-sb-2pri",
+];
+const DISK_KEYS: &[&str] = &["al-extents", "resync-rate", "on-io-error"];
+const NODE_KEYS: &[&str] = &["name", "address", "disk", "meta-disk", "nbd"];
 
-#[derive(Deserialize, Default)]
-#[serde(deny_unknown_fields, rename_all = "kebab-case")]
-struct RawNet {
-    shared_secret: Option<String>,
-    ping_int: Option<String>,
-    ping_timeout: Option<String>,
-    timeout: Option<String>,
-    connect_int: Option<String>,
-    after_sb_0pri: Option<String>,
-    after_sb_1pri: Option<String>,
-    after_sb_2pri: Option<String>,
-}
-
-#[derive(Deserialize, Default)]
-#[serde(deny_unknown_fields, rename_all = "kebab-case")]
-struct RawDisk {
-    al_extents: Option<i64>,
-    resync_rate: Option<String>,
-    on_io_error: Option<String>,
-}
-
-#[derive(Deserialize)]
-#[serde(deny_unknown_fields, rename_all = "kebab-case")]
-struct RawNode {
-    name: String,
-    address: String,
-    disk: String,
-    meta_disk: String,
-    nbd: String,
-}
-
-/// 1-based line and column of byte `offset` in `text`.
-fn line_col(text: &str, offset: usize) -> (usize, usize) {
-    let before = &text[..text.floor_char_boundary_compat(offset)];
-    let line = before.matches('\n').count() + 1;
-    let column = before.rsplit('\n').next().map_or(0, |l| l.chars().count()) + 1;
-    (line, column)
-}
-
-trait FloorCharBoundary {
-    fn floor_char_boundary_compat(&self, i: usize) -> usize;
-}
-
-impl FloorCharBoundary for str {
-    fn floor_char_boundary_compat(&self, i: usize) -> usize {
-        let mut i = i.min(self.len());
-        while !self.is_char_boundary(i) {
-            i -= 1;
-        }
-        i
-    }
-}
-
-/// Parse the text of `file`, the configuration of `resource`.
+/// Parse the text of `file`, the configuration of `resource`. `file` is
+/// only named in errors and kept in [`ResourceConfig::file`].
 pub fn parse(text: &str, file: &Path, resource: &str) -> Result<ResourceConfig, ConfigError> {
-    let raw: Raw = toml::from_str(text).map_err(|e| {
+    let table: toml::Table = text.parse().map_err(|e: toml::de::Error| {
         let (line, column) = e.span().map_or((1, 1), |s| line_col(text, s.start));
         ConfigError::Syntax {
             file: file.to_path_buf(),
             line,
             column,
-            message: e.message().trim().replace('\n', " "),
+            message: one_line(e.message()),
         }
     })?;
-    let bad = |key: &str, message: String| ConfigError::Invalid {
-        file: file.to_path_buf(),
-        key: key.to_string(),
-        message,
-    };
-    let protocol = match raw.protocol.as_deref() {
-        None | Some("C") => Protocol::C,
-        Some("A") => Protocol::A,
-        Some("B") => Protocol::B,
-        Some(other) => {
-            return Err(bad(
-                "protocol",
-                format!("expected \"A\", \"B\" or \"C\", found {other:?}"),
-            ))
-        }
-    };
+    let mut top = Section::new(file, String::new(), table, TOP_KEYS, "key")?;
 
-    let rn = raw.net.unwrap_or_default();
-    let dur = |key: &str, v: Option<String>, default: Duration| match v {
-        None => Ok(default),
-        Some(s) => parse_duration(&s).map_err(|m| bad(&format!("net.{key}"), m)),
+    let protocol = choose(
+        &mut top,
+        "protocol",
+        &[("A", Protocol::A), ("B", Protocol::B), ("C", Protocol::C)],
+        Protocol::C,
+    )?;
+    let net = match top.table("net", NET_KEYS, "key")? {
+        Some(mut s) => read_net(&mut s)?,
+        None => NetConfig::default(),
     };
-    if rn.shared_secret.as_deref() == Some("") {
-        return Err(bad(
-            "net.shared-secret",
-            "is empty (leave it out for no authentication)".into(),
-        ));
-    }
-
-    let mut nodes = Vec::new();
-    for (i, n) in raw.node.into_iter().enumerate() {
-        let key = |k: &str| format!("node[{i}].{k}");
-        if !valid_name(&n.name) {
-            return Err(bad(
-                &key("name"),
+    let disk = match top.table("disk", DISK_KEYS, "key")? {
+        Some(mut s) => read_disk(&mut s)?,
+        None => DiskConfig::default(),
+    };
+    let nodes = read_nodes(&mut top)?;
+    if let AfterSb0Pri::DiscardNode(name) = &net.after_sb_0pri {
+        if !nodes.iter().any(|n| &n.name == name) {
+            let known: Vec<&str> = nodes.iter().map(|n| n.name.as_str()).collect();
+            return Err(invalid(
+                file,
+                "net.after-sb-0pri",
                 format!(
-                    "{:?} is not a node name: use 1 to 64 letters, digits, '_', '-' or '.'",
-                    n.name
+                    "\"discard-node-{name}\" names no configured node (nodes: {})",
+                    known.join(", ")
                 ),
             ));
         }
-        values::check_host_port(&n.address).map_err(|m| bad(&key("address"), m))?;
-        let disk = PathBuf::from(&n.disk);
-        if !disk.is_absolute() {
-            return Err(bad(
-                &key("disk"),
-                format!("expected an absolute path, found {:?}", n.disk),
-            ));
-        }
-        let meta_disk = match n.meta_disk.as_str() {
-            "internal" => MetaDisk::Internal,
-            p if Path::new(p).is_absolute() => MetaDisk::External(PathBuf::from(p)),
-            p => {
-                return Err(bad(
-                    &key("meta-disk"),
-                    format!("expected \"internal\" or an absolute path, found {p:?}"),
-                ))
-            }
-        };
-        if meta_disk == MetaDisk::External(disk.clone()) {
-            return Err(bad(
-                &key("meta-disk"),
-                "is the data disk itself (use \"internal\" for metadata on the data disk)".into(),
-            ));
-        }
-        match n.nbd.strip_prefix("unix:") {
-            Some(p) if Path::new(p).is_absolute() => {}
-            Some(p) => {
-                return Err(bad(
-                    &key("nbd"),
-                    format!("expected \"unix:\" and an absolute path, found \"unix:{p}\""),
-                ))
-            }
-            None => values::check_host_port(&n.nbd).map_err(|m| bad(&key("nbd"), m))?,
-        }
-        nodes.push(NodeConfig {
-            name: n.name,
-            address: n.address,
-            disk,
-            meta_disk,
-            nbd: n.nbd,
-        });
     }
-    if nodes.len() != 2 {
-        return Err(bad(
-            "node",
-            format!(
-                "expected exactly two [[node]] tables (tandem pairs two nodes), found {}",
-                nodes.len()
-            ),
-        ));
-    }
-    if nodes[0].name == nodes[1].name {
-        return Err(bad(
-            "node[1].name",
-            format!("{:?} is used by node[0] too", nodes[1].name),
-        ));
-    }
-    if nodes[0].address == nodes[1].address {
-        return Err(bad(
-            "node[1].address",
-            format!("{:?} is used by node[0] too", nodes[1].address),
-        ));
-    }
-
-    let after_sb_0pri = match rn.after_sb_0pri.as_deref() {
-        None | Some("disconnect") => AfterSb0Pri::Disconnect,
-        Some("discard-younger-primary") => AfterSb0Pri::DiscardYoungerPrimary,
-        Some("discard-older-primary") => AfterSb0Pri::DiscardOlderPrimary,
-        Some("discard-zero-changes") => AfterSb0Pri::DiscardZeroChanges,
-        Some("discard-least-changes") => AfterSb0Pri::DiscardLeastChanges,
-        Some(s) if s.starts_with("discard-node-") => {
-            let name = &s["discard-node-".len()..];
-            if !nodes.iter().any(|n| n.name == name) {
-                return Err(bad(
-                    "net.after-sb-0pri",
-                    format!("{s:?} names no configured node"),
-                ));
-            }
-            AfterSb0Pri::DiscardNode(name.to_string())
-        }
-        Some(s) => return Err(bad("net.after-sb-0pri", format!(
-            "expected disconnect, discard-younger-primary, discard-older-primary, discard-zero-changes, discard-least-changes or discard-node-NAME, found {s:?}"
-        ))),
+    let handlers = match top.table("handlers", HANDLERS.as_slice(), "handler")? {
+        Some(s) => read_handlers(s)?,
+        None => BTreeMap::new(),
     };
-    let after_sb_1pri = match rn.after_sb_1pri.as_deref() {
-        None | Some("disconnect") => AfterSb1Pri::Disconnect,
-        Some("consensus") => AfterSb1Pri::Consensus,
-        Some("violently-as0p") => AfterSb1Pri::ViolentlyAs0p,
-        Some("discard-secondary") => AfterSb1Pri::DiscardSecondary,
-        Some("call-pri-lost-after-sb") => AfterSb1Pri::CallPriLostAfterSb,
-        Some(s) => return Err(bad("net.after-sb-1pri", format!(
-            "expected disconnect, consensus, violently-as0p, discard-secondary or call-pri-lost-after-sb, found {s:?}"
-        ))),
-    };
-    let after_sb_2pri = match rn.after_sb_2pri.as_deref() {
-        None | Some("disconnect") => AfterSb2Pri::Disconnect,
-        Some("violently-as0p") => AfterSb2Pri::ViolentlyAs0p,
-        Some("call-pri-lost-after-sb") => AfterSb2Pri::CallPriLostAfterSb,
-        Some(s) => {
-            return Err(bad(
-                "net.after-sb-2pri",
-                format!(
-                    "expected disconnect, violently-as0p or call-pri-lost-after-sb, found {s:?}"
-                ),
-            ))
-        }
-    };
-    let net = NetConfig {
-        shared_secret: rn.shared_secret,
-        ping_int: dur("ping-int", rn.ping_int, Duration::from_secs(10))?,
-        ping_timeout: dur("ping-timeout", rn.ping_timeout, Duration::from_millis(500))?,
-        timeout: dur("timeout", rn.timeout, Duration::from_secs(6))?,
-        connect_int: dur("connect-int", rn.connect_int, Duration::from_secs(10))?,
-        after_sb_0pri,
-        after_sb_1pri,
-        after_sb_2pri,
-    };
-
-    let rd = raw.disk.unwrap_or_default();
-    let al_extents = match rd.al_extents {
-        None => 1237,
-        Some(n) if (7..=65534).contains(&n) => n as u32,
-        Some(n) => {
-            return Err(bad(
-                "disk.al-extents",
-                format!("expected 7 to 65534, found {n}"),
-            ))
-        }
-    };
-    let resync_rate = match rd.resync_rate {
-        None => 100 << 20,
-        Some(s) => parse_rate(&s).map_err(|m| bad("disk.resync-rate", m))?,
-    };
-    let on_io_error = match rd.on_io_error.as_deref() {
-        None | Some("detach") => OnIoError::Detach,
-        Some("pass_on") | Some("pass-on") => OnIoError::PassOn,
-        Some("call-local-io-error") => OnIoError::CallLocalIoError,
-        Some(s) => {
-            return Err(bad(
-                "disk.on-io-error",
-                format!("expected detach, pass_on or call-local-io-error, found {s:?}"),
-            ))
-        }
-    };
-    for (name, program) in &raw.handlers {
-        if !HANDLERS.contains(&name.as_str()) {
-            return Err(bad(
-                &format!("handlers.{name}"),
-                format!("unknown handler (known: {})", HANDLERS.join(", ")),
-            ));
-        }
-        if program.trim().is_empty() {
-            return Err(bad(&format!("handlers.{name}"), "is empty".into()));
-        }
-    }
     Ok(ResourceConfig {
         name: resource.to_string(),
         file: file.to_path_buf(),
         protocol,
         net,
-        disk: DiskConfig {
-            al_extents,
-            resync_rate,
-            on_io_error,
-        },
+        disk,
         nodes,
-        handlers: raw.handlers,
+        handlers,
     })
+}
+
+impl Default for NetConfig {
+    /// DRBD's defaults.
+    fn default() -> Self {
+        Self {
+            shared_secret: None,
+            ping_int: Duration::from_secs(10),
+            ping_timeout: Duration::from_millis(500),
+            timeout: Duration::from_secs(6),
+            connect_int: Duration::from_secs(10),
+            after_sb_0pri: AfterSb0Pri::Disconnect,
+            after_sb_1pri: AfterSb1Pri::Disconnect,
+            after_sb_2pri: AfterSb2Pri::Disconnect,
+        }
+    }
+}
+
+impl Default for DiskConfig {
+    /// DRBD's defaults, and 100 MiB/s for the resync.
+    fn default() -> Self {
+        Self {
+            al_extents: 1237,
+            resync_rate: 100 << 20,
+            on_io_error: OnIoError::Detach,
+        }
+    }
+}
+
+/// `[net]`. `discard-node-NAME` is checked against the nodes by the caller.
+fn read_net(s: &mut Section<'_>) -> Result<NetConfig, ConfigError> {
+    let d = NetConfig::default();
+    let secret_expected = "a non-empty string (leave the key out for no authentication)";
+    let shared_secret = match s.string("shared-secret", secret_expected)? {
+        Some(secret) if secret.is_empty() => {
+            return Err(s.error(
+                "shared-secret",
+                format!("expected {secret_expected}, found \"\""),
+            ))
+        }
+        other => other,
+    };
+    const SB0: &[&str] = &[
+        "disconnect",
+        "discard-younger-primary",
+        "discard-older-primary",
+        "discard-zero-changes",
+        "discard-least-changes",
+        "discard-node-NAME",
+    ];
+    let sb0_expected = one_of(SB0);
+    let after_sb_0pri = match s.string("after-sb-0pri", &sb0_expected)? {
+        None => d.after_sb_0pri,
+        Some(v) => match v.as_str() {
+            "disconnect" => AfterSb0Pri::Disconnect,
+            "discard-younger-primary" => AfterSb0Pri::DiscardYoungerPrimary,
+            "discard-older-primary" => AfterSb0Pri::DiscardOlderPrimary,
+            "discard-zero-changes" => AfterSb0Pri::DiscardZeroChanges,
+            "discard-least-changes" => AfterSb0Pri::DiscardLeastChanges,
+            _ => match v.strip_prefix("discard-node-") {
+                Some(name) if !name.is_empty() => AfterSb0Pri::DiscardNode(name.to_string()),
+                _ => {
+                    return Err(s.error(
+                        "after-sb-0pri",
+                        format!("expected {sb0_expected}, found {v:?}"),
+                    ))
+                }
+            },
+        },
+    };
+    Ok(NetConfig {
+        shared_secret,
+        ping_int: duration(s, "ping-int", d.ping_int)?,
+        ping_timeout: duration(s, "ping-timeout", d.ping_timeout)?,
+        timeout: duration(s, "timeout", d.timeout)?,
+        connect_int: duration(s, "connect-int", d.connect_int)?,
+        after_sb_0pri,
+        after_sb_1pri: choose(
+            s,
+            "after-sb-1pri",
+            &[
+                ("disconnect", AfterSb1Pri::Disconnect),
+                ("consensus", AfterSb1Pri::Consensus),
+                ("violently-as0p", AfterSb1Pri::ViolentlyAs0p),
+                ("discard-secondary", AfterSb1Pri::DiscardSecondary),
+                ("call-pri-lost-after-sb", AfterSb1Pri::CallPriLostAfterSb),
+            ],
+            d.after_sb_1pri,
+        )?,
+        after_sb_2pri: choose(
+            s,
+            "after-sb-2pri",
+            &[
+                ("disconnect", AfterSb2Pri::Disconnect),
+                ("violently-as0p", AfterSb2Pri::ViolentlyAs0p),
+                ("call-pri-lost-after-sb", AfterSb2Pri::CallPriLostAfterSb),
+            ],
+            d.after_sb_2pri,
+        )?,
+    })
+}
+
+/// `[disk]`.
+fn read_disk(s: &mut Section<'_>) -> Result<DiskConfig, ConfigError> {
+    let d = DiskConfig::default();
+    // DRBD's limits: fewer than 7 extents cannot hold a request spanning
+    // extents; 65534 fills the on-disk AL format.
+    let al_expected = "an integer from 7 to 65534";
+    let al_extents = match s.value("al-extents") {
+        None => d.al_extents,
+        Some(toml::Value::Integer(n)) => match u32::try_from(n) {
+            Ok(n) if (7..=65534).contains(&n) => n,
+            _ => return Err(s.error("al-extents", format!("expected {al_expected}, found {n}"))),
+        },
+        Some(other) => {
+            return Err(s.error(
+                "al-extents",
+                format!("expected {al_expected}, found {}", describe(&other)),
+            ))
+        }
+    };
+    let resync_rate = match s.value("resync-rate") {
+        None => d.resync_rate,
+        Some(toml::Value::String(v)) => parse_rate(&v).map_err(|m| s.error("resync-rate", m))?,
+        // A bare integer is bytes per second, like the string without a unit.
+        Some(toml::Value::Integer(n)) => match u64::try_from(n) {
+            Ok(n) if n > 0 => n,
+            _ => return Err(s.error("resync-rate", format!("must be more than zero, found {n}"))),
+        },
+        Some(other) => {
+            return Err(s.error(
+                "resync-rate",
+                format!("expected {}, found {}", values::RATE, describe(&other)),
+            ))
+        }
+    };
+    let on_io_error = choose(
+        s,
+        "on-io-error",
+        &[
+            ("detach", OnIoError::Detach),
+            ("pass_on", OnIoError::PassOn),
+            ("call-local-io-error", OnIoError::CallLocalIoError),
+        ],
+        d.on_io_error,
+    )?;
+    Ok(DiskConfig {
+        al_extents,
+        resync_rate,
+        on_io_error,
+    })
+}
+
+/// A node with its addresses parsed, for the checks between the two.
+struct ParsedNode {
+    config: NodeConfig,
+    address: values::HostPort,
+    nbd: values::Listen,
+}
+
+/// The `[[node]]` array: exactly two nodes, each valid, not in each other's
+/// way.
+fn read_nodes(top: &mut Section<'_>) -> Result<Vec<NodeConfig>, ConfigError> {
+    let file = top.file();
+    let count_expected = "exactly two [[node]] tables (tandem pairs two nodes)";
+    let list = match top.value("node") {
+        None => Vec::new(),
+        Some(toml::Value::Array(list)) => list,
+        Some(other) => {
+            return Err(top.error(
+                "node",
+                format!("expected {count_expected}, found {}", describe(&other)),
+            ))
+        }
+    };
+    if list.len() != 2 {
+        return Err(top.error(
+            "node",
+            format!("expected {count_expected}, found {}", list.len()),
+        ));
+    }
+    let mut nodes = Vec::with_capacity(2);
+    for (i, value) in list.into_iter().enumerate() {
+        let path = format!("node[{i}]");
+        let toml::Value::Table(table) = value else {
+            return Err(invalid(
+                file,
+                &path,
+                format!("expected a [[node]] table, found {}", describe(&value)),
+            ));
+        };
+        let mut s = Section::new(file, path, table, NODE_KEYS, "key")?;
+        nodes.push(read_node(&mut s)?);
+    }
+    check_pair(file, &nodes)?;
+    Ok(nodes.into_iter().map(|n| n.config).collect())
+}
+
+/// One `[[node]]`.
+fn read_node(s: &mut Section<'_>) -> Result<ParsedNode, ConfigError> {
+    let name_expected = format!("a node name of {NAME_RULE}");
+    let name = s.required_string("name", &name_expected)?;
+    if !valid_name(&name) {
+        return Err(s.error("name", format!("expected {name_expected}, found {name:?}")));
+    }
+    let address_text = s.required_string("address", values::HOST_PORT)?;
+    let address = values::parse_host_port(&address_text).map_err(|m| s.error("address", m))?;
+    let disk_expected = "the absolute path of the backing file or block device";
+    let disk_text = s.required_string("disk", disk_expected)?;
+    let disk = PathBuf::from(&disk_text);
+    if !disk.is_absolute() {
+        return Err(s.error(
+            "disk",
+            format!("expected {disk_expected}, found {disk_text:?}"),
+        ));
+    }
+    let meta_expected = "\"internal\" or the absolute path of a metadata file or device";
+    let meta_text = s.required_string("meta-disk", meta_expected)?;
+    let meta_disk = match meta_text.as_str() {
+        "internal" => MetaDisk::Internal,
+        p if Path::new(p).is_absolute() => MetaDisk::External(PathBuf::from(p)),
+        p => {
+            return Err(s.error(
+                "meta-disk",
+                format!("expected {meta_expected}, found {p:?}"),
+            ))
+        }
+    };
+    if meta_disk == MetaDisk::External(disk.clone()) {
+        return Err(s.error(
+            "meta-disk",
+            format!(
+                "{meta_text:?} is this node's disk itself (use \"internal\" for metadata on the data disk)"
+            ),
+        ));
+    }
+    let nbd_text = s.required_string("nbd", values::NBD)?;
+    let nbd = values::parse_listen(&nbd_text).map_err(|m| s.error("nbd", m))?;
+    if nbd == values::Listen::Tcp(address.clone()) {
+        return Err(s.error(
+            "nbd",
+            format!("{nbd_text:?} is this node's replication address too; use another port"),
+        ));
+    }
+    Ok(ParsedNode {
+        config: NodeConfig {
+            name,
+            address: address_text,
+            disk,
+            meta_disk,
+            nbd: nbd_text,
+        },
+        address,
+        nbd,
+    })
+}
+
+/// The two nodes must be told apart and, when they share a host (tests,
+/// demos), must not listen on one port or write one file.
+fn check_pair(file: &Path, nodes: &[ParsedNode]) -> Result<(), ConfigError> {
+    let [a, b] = nodes else {
+        return Ok(());
+    };
+    let (ac, bc) = (&a.config, &b.config);
+    if ac.name == bc.name {
+        return Err(invalid(
+            file,
+            "node[1].name",
+            format!("{:?} is used by node[0] too", bc.name),
+        ));
+    }
+    if a.address == b.address {
+        return Err(invalid(
+            file,
+            "node[1].address",
+            format!("{:?} is node[0].address too", bc.address),
+        ));
+    }
+    if a.address.host != b.address.host {
+        // Different hosts: the same NBD address or disk path on both is
+        // normal (each node exports its own device).
+        return Ok(());
+    }
+    let same_host = format!("both nodes are on host {}", a.address.host);
+    let conflict = |key: &str, value: &str, other: &str| {
+        invalid(
+            file,
+            key,
+            format!("{value:?} is {other} too, and {same_host}"),
+        )
+    };
+    if a.nbd == b.nbd {
+        return Err(conflict("node[1].nbd", &bc.nbd, "node[0].nbd"));
+    }
+    if b.nbd == values::Listen::Tcp(a.address.clone()) {
+        return Err(conflict("node[1].nbd", &bc.nbd, "node[0].address"));
+    }
+    if a.nbd == values::Listen::Tcp(b.address.clone()) {
+        return Err(conflict("node[0].nbd", &ac.nbd, "node[1].address"));
+    }
+    let files = |n: &NodeConfig| {
+        let mut v = vec![("disk", n.disk.clone())];
+        if let MetaDisk::External(p) = &n.meta_disk {
+            v.push(("meta-disk", p.clone()));
+        }
+        v
+    };
+    for (bkey, bpath) in files(bc) {
+        for (akey, apath) in files(ac) {
+            if apath == bpath {
+                return Err(conflict(
+                    &format!("node[1].{bkey}"),
+                    &bpath.display().to_string(),
+                    &format!("node[0].{akey}"),
+                ));
+            }
+        }
+    }
+    Ok(())
+}
+
+/// `[handlers]` (names already checked against [`HANDLERS`]).
+fn read_handlers(s: Section<'_>) -> Result<BTreeMap<String, String>, ConfigError> {
+    let file = s.file();
+    let expected = "a program to run (a non-empty string)";
+    let mut handlers = BTreeMap::new();
+    for (name, value) in s.into_entries() {
+        match value {
+            toml::Value::String(program) if !program.trim().is_empty() => {
+                handlers.insert(name, program);
+            }
+            other => {
+                return Err(invalid(
+                    file,
+                    &format!("handlers.{name}"),
+                    format!("expected {expected}, found {}", describe(&other)),
+                ))
+            }
+        }
+    }
+    Ok(handlers)
+}
+
+/// A duration at `key`, or `default`.
+fn duration(s: &mut Section<'_>, key: &str, default: Duration) -> Result<Duration, ConfigError> {
+    match s.string(key, values::DURATION)? {
+        None => Ok(default),
+        Some(v) => parse_duration(&v).map_err(|m| s.error(key, m)),
+    }
+}
+
+/// One of a fixed set of words at `key`, or `default`.
+fn choose<T: Clone>(
+    s: &mut Section<'_>,
+    key: &str,
+    options: &[(&str, T)],
+    default: T,
+) -> Result<T, ConfigError> {
+    let names: Vec<&str> = options.iter().map(|(name, _)| *name).collect();
+    let expected = one_of(&names);
+    let Some(v) = s.string(key, &expected)? else {
+        return Ok(default);
+    };
+    options
+        .iter()
+        .find(|(name, _)| *name == v)
+        .map(|(_, value)| value.clone())
+        .ok_or_else(|| s.error(key, format!("expected {expected}, found {v:?}")))
+}
+
+/// `"a, b or c"`.
+fn one_of(names: &[&str]) -> String {
+    match names.split_last() {
+        None => String::new(),
+        Some((last, [])) => (*last).to_string(),
+        Some((last, rest)) => format!("{} or {last}", rest.join(", ")),
+    }
+}
+
+fn invalid(file: &Path, key: &str, message: String) -> ConfigError {
+    ConfigError::Invalid {
+        file: file.to_path_buf(),
+        key: key.to_string(),
+        message,
+    }
+}
+
+/// A parser message on one line.
+fn one_line(message: &str) -> String {
+    message
+        .split(|c: char| c.is_control())
+        .map(str::trim)
+        .filter(|part| !part.is_empty())
+        .collect::<Vec<_>>()
+        .join(" ")
+}
+
+/// 1-based line and column (in characters) of byte `offset` in `text`.
+fn line_col(text: &str, offset: usize) -> (usize, usize) {
+    let mut end = offset.min(text.len());
+    while !text.is_char_boundary(end) {
+        end -= 1;
+    }
+    let before = text.get(..end).unwrap_or_default();
+    let line = before.matches('\n').count() + 1;
+    let column = before.rsplit('\n').next().map_or(0, |l| l.chars().count()) + 1;
+    (line, column)
+}
+
+/// An I/O error's description without the "(os error 2)" suffix, which
+/// says nothing the words do not.
+fn io_reason(e: &std::io::Error) -> String {
+    let s = e.to_string();
+    let words = s
+        .strip_suffix(')')
+        .and_then(|t| t.rsplit_once(" (os error "))
+        .map(|(words, _)| words.to_string());
+    words.unwrap_or(s)
+}
+
+/// A hint for an unreadable configuration file.
+fn read_hint(e: &std::io::Error) -> &'static str {
+    if e.kind() == std::io::ErrorKind::NotFound {
+        " (is the resource configured?)"
+    } else {
+        ""
+    }
 }
 
 #[cfg(test)]
