@@ -39,7 +39,7 @@
 //!
 //! An extent of `0xffffffff` means an empty slot.
 
-use crate::layout::{AL_CONTEXT_PER_TX, SLOT};
+use crate::layout::{AL_CONTEXT_PER_TX, AL_EXTENTS_MAX, AL_EXTENTS_MIN, SLOT};
 use std::collections::HashMap;
 
 /// Slot changes one transaction can carry.
@@ -166,6 +166,17 @@ impl Replay {
 /// Replay the ring (`ring` holds the ring's slots back to back).
 pub fn replay(ring: &[u8], device_uuid: u64, al_extents: u32, extents: u64) -> Replay {
     let n_slots = ring.len() / SLOT as usize;
+    // The table is allocated at this size, so a count no layout can hold
+    // (a damaged superblock) must not reach the allocation.
+    if !(AL_EXTENTS_MIN..=AL_EXTENTS_MAX).contains(&al_extents) {
+        return Replay {
+            slots: Vec::new(),
+            last_seq: 0,
+            next_context: 0,
+            applied: 0,
+            complete: false,
+        };
+    }
     let n = al_extents as usize;
     let valid_extent = |e: u32| e == EMPTY || u64::from(e) < extents;
     let mut txs: HashMap<u64, Transaction> = HashMap::new();
@@ -575,6 +586,23 @@ mod tests {
             al_extents in 0u32..70000,
         ) {
             let _ = replay(&ring, 1, al_extents, 1 << 20);
+        }
+    }
+
+    /// Found by the metadata fuzz target: a count of 620 million extents
+    /// from damaged bytes allocated gigabytes before any check.
+    #[test]
+    fn replay_of_an_impossible_extent_count_is_incomplete_not_an_allocation() {
+        for al_extents in [
+            0,
+            AL_EXTENTS_MIN - 1,
+            AL_EXTENTS_MAX + 1,
+            0x2501_24b8,
+            u32::MAX,
+        ] {
+            let r = replay(&[], 1, al_extents, 1 << 20);
+            assert!(!r.complete, "{al_extents}");
+            assert!(r.slots.is_empty(), "{al_extents}");
         }
     }
 }
