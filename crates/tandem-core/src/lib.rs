@@ -1,0 +1,1437 @@
+//! The per-resource replication state machine, without I/O.
+//!
+//! [`Core`] consumes [`Event`]s (a client write, a local write finished, a
+//! frame from the peer, the link going up or down) and answers with
+//! [`Action`]s (write locally, send to the peer, complete a client request,
+//! mark blocks out of sync, persist generations). It never touches a socket,
+//! a file or a clock, so the engine drives it over tokio and the simulation
+//! drives two of them through crashes and partitions from a seed.
+//!
+//! The driver's contract:
+//! - Actions are executed in the order given. Metadata actions
+//!   ([`Action::MarkOutOfSync`], [`Action::PersistGenerations`],
+//!   [`Action::PersistFlags`], [`Action::AlEnd`]) are done before the next
+//!   action; that ordering is what makes "out of sync before reported" and
+//!   "new generation before new data" hold.
+//! - [`Action::AlBegin`] is answered with [`Event::AlReady`] once the
+//!   activity-log transaction naming the range is durable.
+//! - Every [`Action::LocalWrite`] / [`Action::LocalFlush`] is answered with
+//!   [`Event::LocalDone`] carrying the same [`OpId`].
+//! - Frames are sent in the order of the [`Action::Send`]s; the payload of a
+//!   data frame is the driver's copy of the client request's (or the
+//!   received frame's) data.
+//! - Events from a link other than the current one ([`Event::LinkUp`]'s
+//!   number) are ignored, so a slow reader of a dead link cannot confuse the
+//!   new one.
+#![cfg_attr(test, allow(clippy::unwrap_used))]
+
+pub mod gi;
+mod state;
+
+pub use state::{ConnState, DiskState, Protocol, Role};
+
+use std::collections::{BTreeMap, HashMap, VecDeque};
+use std::ops::Range;
+use tandem_meta::superblock::{flags, UUID_JUST_CREATED};
+use tandem_meta::Generations;
+
+/// A client request, numbered by the driver.
+pub type ReqId = u64;
+
+/// Most writes sent to the peer and not yet acknowledged as written (the
+/// transfer log). Beyond it new writes wait: protocol A must not let the
+/// send side run arbitrarily far ahead of the peer.
+pub const MAX_TRANSFER_LOG: usize = 8192;
+
+/// Most frames the receiving side holds that cannot start yet (next epoch,
+/// or overlapping a write in flight). The sender's transfer log bounds this
+/// in practice; beyond it the link is dropped as a protocol error.
+pub const MAX_PEER_QUEUE: usize = MAX_TRANSFER_LOG + 1024;
+
+/// Identifies a local operation so its completion finds its owner.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum OpId {
+    /// A client request on the Primary.
+    Client(ReqId),
+    /// A write received from the peer, by its sequence number.
+    Peer(u64),
+    /// The flush that answers the peer's barrier closing this epoch.
+    PeerBarrier(u64),
+}
+
+/// What a write does to its range.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum WriteKind {
+    /// Writes the request's payload.
+    Data,
+    /// Deallocates (contents unspecified but identical on both nodes only
+    /// if the backing stores agree; tandem zeroes on both, see the engine).
+    Trim,
+    /// Writes zeroes; `may_trim` allows punching a hole.
+    Zero {
+        /// Holes are acceptable.
+        may_trim: bool,
+    },
+}
+
+/// Why a client request failed.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum IoFailure {
+    /// The local disk failed the write.
+    Io,
+    /// This node is not Primary.
+    NotPrimary,
+}
+
+/// What a node tells its peer about itself.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Report {
+    /// Its role.
+    pub role: Role,
+    /// Its disk state.
+    pub disk: DiskState,
+    /// Its protocol setting (both must agree).
+    pub protocol: Protocol,
+    /// Its data size in bytes.
+    pub size: u64,
+    /// Its generation identifiers.
+    pub gens: Generations,
+    /// Its superblock flags.
+    pub flags: u32,
+}
+
+/// A frame between the cores. The engine maps these to the wire format.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Packet {
+    /// State report (after connecting and on every role/disk change).
+    State(Report),
+    /// A write; its payload travels beside it (see the crate docs).
+    Data {
+        /// The client request whose payload to send (sender side only).
+        req: ReqId,
+        /// Per-link sequence number.
+        seq: u64,
+        /// Epoch the write belongs to.
+        epoch: u64,
+        /// Byte offset.
+        offset: u64,
+        /// Byte length.
+        len: u64,
+        /// What it does.
+        kind: WriteKind,
+        /// Stable before the write ack.
+        fua: bool,
+    },
+    /// Received (protocol B).
+    RecvAck(u64),
+    /// Written.
+    WriteAck(u64),
+    /// The peer's local write failed.
+    NegAck(u64),
+    /// Closes an epoch; with `flush`, stable before acknowledged.
+    Barrier {
+        /// The epoch closed.
+        epoch: u64,
+        /// Make it stable.
+        flush: bool,
+    },
+    /// Every write of the epoch is done (and stable when asked).
+    BarrierAck {
+        /// The epoch.
+        epoch: u64,
+        /// How many writes it held.
+        writes: u32,
+    },
+    /// A fresh pair skips its initial sync: adopt this current generation
+    /// and consider the data UpToDate.
+    NewCurrentUuid {
+        /// The generation both nodes now share.
+        uuid: u64,
+    },
+}
+
+/// Inputs to the core.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Event {
+    /// A client write, trim or write-zeroes.
+    Write {
+        /// Request id.
+        req: ReqId,
+        /// Byte offset.
+        offset: u64,
+        /// Byte length (non-zero).
+        len: u64,
+        /// What it does.
+        kind: WriteKind,
+        /// Force unit access.
+        fua: bool,
+    },
+    /// A client flush.
+    Flush {
+        /// Request id.
+        req: ReqId,
+    },
+    /// The activity log covers the request's range durably (or could not).
+    AlReady {
+        /// Request id.
+        req: ReqId,
+        /// The AL transaction was written.
+        ok: bool,
+    },
+    /// A local write or flush finished.
+    LocalDone {
+        /// Which one.
+        op: OpId,
+        /// It succeeded.
+        ok: bool,
+    },
+    /// A new authenticated link to the peer.
+    LinkUp {
+        /// Link number, increasing.
+        link: u64,
+    },
+    /// The link broke (or timed out).
+    LinkDown {
+        /// Link number.
+        link: u64,
+        /// Why, for the state name.
+        cause: ConnState,
+    },
+    /// A frame from the peer.
+    Packet {
+        /// Link number.
+        link: u64,
+        /// The frame (for `Data`, `req` is meaningless on receipt).
+        packet: Packet,
+    },
+}
+
+/// Outputs of the core.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Action {
+    /// Make the AL cover `range`, then answer [`Event::AlReady`].
+    AlBegin {
+        /// Request id.
+        req: ReqId,
+        /// Byte range.
+        range: Range<u64>,
+    },
+    /// The range's writes are finished everywhere; its extents may go cold.
+    AlEnd {
+        /// Byte range.
+        range: Range<u64>,
+    },
+    /// Write locally, then answer [`Event::LocalDone`].
+    LocalWrite {
+        /// Which operation.
+        op: OpId,
+        /// Byte offset.
+        offset: u64,
+        /// Byte length.
+        len: u64,
+        /// What it does.
+        kind: WriteKind,
+        /// Stable before done.
+        fua: bool,
+    },
+    /// Flush the local disk, then answer [`Event::LocalDone`].
+    LocalFlush {
+        /// Which operation.
+        op: OpId,
+    },
+    /// Send a frame on the current link.
+    Send(Packet),
+    /// Answer a client request.
+    Complete {
+        /// Request id.
+        req: ReqId,
+        /// Outcome.
+        result: Result<(), IoFailure>,
+    },
+    /// The peer may lack these bytes: set their bits.
+    MarkOutOfSync {
+        /// Byte range.
+        range: Range<u64>,
+    },
+    /// The data is identical on both nodes: clear every bit (fresh pair).
+    ClearBitmap,
+    /// Write the generation identifiers to the superblock.
+    PersistGenerations(Generations),
+    /// Change superblock flags.
+    PersistFlags {
+        /// Bits to set.
+        set: u32,
+        /// Bits to clear.
+        clear: u32,
+    },
+    /// Close the current link; with `standalone`, do not reconnect.
+    Disconnect {
+        /// Log line.
+        reason: String,
+        /// Stay StandAlone until `connect`.
+        standalone: bool,
+    },
+    /// Diverged data detected: run the split-brain handler, emit the event.
+    SplitBrain {
+        /// The rule that found it.
+        rule: &'static str,
+    },
+    /// Something an operator should read in the log.
+    Log(String),
+}
+
+/// Static configuration.
+#[derive(Clone, Debug)]
+pub struct Config {
+    /// Replication protocol.
+    pub protocol: Protocol,
+    /// Data size in bytes.
+    pub size: u64,
+}
+
+/// What the metadata said when the disk was attached.
+#[derive(Clone, Copy, Debug)]
+pub struct Attached {
+    /// Generation identifiers.
+    pub gens: Generations,
+    /// Superblock flags.
+    pub flags: u32,
+}
+
+/// Why a role change was refused. Display is the line the CLI prints.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Refusal {
+    /// The connected peer is Primary.
+    PeerIsPrimary,
+    /// No UpToDate data and no `--force`.
+    NoUpToDateData,
+    /// NBD clients hold the device open.
+    InUse(usize),
+    /// Writes are still in flight.
+    Busy(usize),
+    /// The operation needs a connected peer.
+    NotConnected,
+    /// The operation needs something else first.
+    Other(String),
+}
+
+impl std::fmt::Display for Refusal {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Refusal::PeerIsPrimary => write!(f, "refusing to promote: peer is Primary"),
+            Refusal::NoUpToDateData => {
+                write!(f, "refusing to promote: no UpToDate data (use --force)")
+            }
+            Refusal::InUse(n) => write!(f, "device is in use by {n} NBD clients"),
+            Refusal::Busy(n) => write!(f, "device is busy: {n} requests in flight"),
+            Refusal::NotConnected => write!(f, "not connected to the peer"),
+            Refusal::Other(s) => f.write_str(s),
+        }
+    }
+}
+
+/// DRBD's `/proc/drbd` counters that the core can know.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Counters {
+    /// Bytes of write payload sent to the peer.
+    pub net_sent: u64,
+    /// Bytes of write payload received from the peer.
+    pub net_received: u64,
+    /// Bytes written to the local disk.
+    pub disk_written: u64,
+    /// Local operations in flight.
+    pub local_pending: u64,
+    /// Writes sent to the peer and not yet acknowledged.
+    pub peer_pending: u64,
+    /// Writes received from the peer and not yet acknowledged.
+    pub unacked: u64,
+    /// Client requests in flight.
+    pub app_pending: u64,
+    /// Epochs closed.
+    pub epochs: u64,
+}
+
+// Conditions a client request waits for.
+const LOCAL: u8 = 1;
+const RECV_ACK: u8 = 2;
+const WRITE_ACK: u8 = 4;
+const BARRIER_ACK: u8 = 8;
+const AL: u8 = 16;
+
+#[derive(Clone, Debug)]
+enum ReqKind {
+    Write {
+        offset: u64,
+        len: u64,
+        kind: WriteKind,
+        fua: bool,
+    },
+    Flush,
+}
+
+#[derive(Clone, Debug)]
+struct Request {
+    kind: ReqKind,
+    /// Conditions still outstanding.
+    pending: u8,
+    /// Those of them that completion waits for (the rest only keep the
+    /// request in the transfer log / activity log).
+    completion: u8,
+    started: bool,
+    completed: bool,
+    failed: bool,
+    seq: Option<u64>,
+    /// For a flush under protocol C: the epoch whose barrier ack it awaits.
+    barrier: Option<u64>,
+}
+
+impl Request {
+    fn range(&self) -> Option<Range<u64>> {
+        match self.kind {
+            ReqKind::Write { offset, len, .. } => Some(offset..offset + len),
+            ReqKind::Flush => None,
+        }
+    }
+}
+
+#[derive(Clone, Debug)]
+enum Incoming {
+    Write {
+        seq: u64,
+        offset: u64,
+        len: u64,
+        kind: WriteKind,
+        fua: bool,
+    },
+    Barrier {
+        epoch: u64,
+        flush: bool,
+    },
+}
+
+/// The receiving side of the link: applies the peer's writes in epoch
+/// order, never two overlapping ones at once.
+#[derive(Debug, Default)]
+struct Receiver {
+    queue: VecDeque<Incoming>,
+    /// Writes submitted locally: seq -> range.
+    inflight: BTreeMap<u64, Range<u64>>,
+    /// Writes applied in the epoch being received.
+    epoch_writes: u32,
+    /// A barrier flush is running for this epoch.
+    flushing: Option<u64>,
+    /// The epoch the next frame must belong to: frames arrive in order, so
+    /// anything else is a broken or hostile sender.
+    epoch: u64,
+}
+
+/// The state machine of one resource on one node.
+#[derive(Debug)]
+pub struct Core {
+    cfg: Config,
+    role: Role,
+    peer_role: Role,
+    cstate: ConnState,
+    disk: DiskState,
+    peer_disk: DiskState,
+    gens: Generations,
+    flags: u32,
+    /// Current link, if any.
+    link: Option<u64>,
+    /// The peer's state report on this link (after WFReportParams).
+    peer: Option<Report>,
+    reqs: BTreeMap<ReqId, Request>,
+    /// Writes waiting to start, in arrival order.
+    waiting: VecDeque<ReqId>,
+    /// Transfer log: seq -> request, until the peer wrote it.
+    tl: BTreeMap<u64, ReqId>,
+    /// Epoch of writes being sent; barriers close it.
+    epoch: u64,
+    next_seq: u64,
+    rx: Receiver,
+    /// Flushes waiting for their barrier ack, by epoch.
+    barrier_waiters: HashMap<u64, Vec<ReqId>>,
+    /// Generations must change before the next write (Primary lost its
+    /// peer, or promoted without one).
+    rng: u64,
+    counters: Counters,
+}
+
+impl Core {
+    /// A core for an attached disk, Secondary, not connected.
+    /// `seed` feeds the generator of new generation identifiers.
+    pub fn new(cfg: Config, attached: Attached, seed: u64) -> Core {
+        let f = attached.flags;
+        let disk = if f & flags::CONSISTENT == 0 {
+            DiskState::Inconsistent
+        } else if f & flags::WAS_UP_TO_DATE == 0 {
+            DiskState::Outdated
+        } else {
+            DiskState::Consistent
+        };
+        Core {
+            cfg,
+            role: Role::Secondary,
+            peer_role: Role::Unknown,
+            cstate: ConnState::StandAlone,
+            disk,
+            peer_disk: DiskState::DUnknown,
+            gens: attached.gens,
+            flags: attached.flags,
+            link: None,
+            peer: None,
+            reqs: BTreeMap::new(),
+            waiting: VecDeque::new(),
+            tl: BTreeMap::new(),
+            epoch: 1,
+            next_seq: 1,
+            rx: Receiver::default(),
+            barrier_waiters: HashMap::new(),
+            rng: seed | 1,
+            counters: Counters::default(),
+        }
+    }
+
+    // ---- read-only views ----
+
+    /// This node's role.
+    pub fn role(&self) -> Role {
+        self.role
+    }
+    /// The peer's role (Unknown while not connected).
+    pub fn peer_role(&self) -> Role {
+        self.peer_role
+    }
+    /// Connection state.
+    pub fn cstate(&self) -> ConnState {
+        self.cstate
+    }
+    /// Local disk state.
+    pub fn disk(&self) -> DiskState {
+        self.disk
+    }
+    /// The peer's disk state (DUnknown while not connected).
+    pub fn peer_disk(&self) -> DiskState {
+        self.peer_disk
+    }
+    /// Generation identifiers.
+    pub fn generations(&self) -> Generations {
+        self.gens
+    }
+    /// Superblock flags as the core last set them.
+    pub fn flags(&self) -> u32 {
+        self.flags
+    }
+    /// Protocol.
+    pub fn protocol(&self) -> Protocol {
+        self.cfg.protocol
+    }
+    /// Data size in bytes.
+    pub fn size(&self) -> u64 {
+        self.cfg.size
+    }
+    /// Counters.
+    pub fn counters(&self) -> Counters {
+        let mut c = self.counters;
+        c.peer_pending = self.tl.len() as u64;
+        c.unacked = (self.rx.inflight.len() + self.rx.queue.len()) as u64;
+        c.app_pending = self.reqs.values().filter(|r| !r.completed).count() as u64;
+        c
+    }
+    /// Client requests not yet answered.
+    pub fn requests_in_flight(&self) -> usize {
+        self.reqs.values().filter(|r| !r.completed).count()
+    }
+    /// Nothing is in flight in either direction.
+    pub fn is_idle(&self) -> bool {
+        self.reqs.is_empty()
+            && self.tl.is_empty()
+            && self.rx.inflight.is_empty()
+            && self.rx.queue.is_empty()
+            && self.rx.flushing.is_none()
+    }
+    /// The report this node sends its peer.
+    pub fn report(&self) -> Report {
+        Report {
+            role: self.role,
+            disk: self.disk,
+            protocol: self.cfg.protocol,
+            size: self.cfg.size,
+            gens: self.gens,
+            flags: self.flags,
+        }
+    }
+
+    // ---- administration ----
+
+    /// Start connecting (leave StandAlone).
+    pub fn connect(&mut self) {
+        if self.cstate == ConnState::StandAlone {
+            self.cstate = ConnState::WFConnection;
+        }
+    }
+
+    /// Drop the link and stay StandAlone.
+    pub fn disconnect(&mut self, out: &mut Vec<Action>) {
+        if let Some(link) = self.link {
+            self.link_lost(link, ConnState::StandAlone, out);
+            out.push(Action::Disconnect {
+                reason: "disconnect requested".into(),
+                standalone: true,
+            });
+        }
+        self.cstate = ConnState::StandAlone;
+    }
+
+    /// `primary [--force]`.
+    pub fn promote(&mut self, force: bool, out: &mut Vec<Action>) -> Result<(), Refusal> {
+        if self.role == Role::Primary {
+            return Ok(());
+        }
+        let connected = self.cstate.is_connected();
+        if connected && self.peer_role == Role::Primary {
+            return Err(Refusal::PeerIsPrimary);
+        }
+        if self.cstate == ConnState::WFReportParams {
+            return Err(Refusal::Other(
+                "refusing to promote: still exchanging state with the peer".into(),
+            ));
+        }
+        let usable = match self.disk {
+            DiskState::UpToDate => true,
+            // DRBD promotes a Consistent disk whose peer is unknown: nobody
+            // can be newer as far as this node can tell.
+            DiskState::Consistent => !connected,
+            _ => false,
+        };
+        if !usable && !force {
+            return Err(Refusal::NoUpToDateData);
+        }
+        if matches!(self.disk, DiskState::Diskless | DiskState::Failed) {
+            return Err(Refusal::Other("refusing to promote: no local disk".into()));
+        }
+        let peer_has_it = connected && self.peer_disk == DiskState::UpToDate && usable;
+        if !peer_has_it {
+            // Invariant 5: a new data generation begins before its first write.
+            self.new_current_uuid(out);
+        }
+        if self.disk != DiskState::UpToDate {
+            self.set_disk(DiskState::UpToDate, out);
+        }
+        if connected && self.peer_disk != DiskState::UpToDate && !usable {
+            // Forced over a peer that may hold anything: all of it differs.
+            out.push(Action::MarkOutOfSync {
+                range: 0..self.cfg.size,
+            });
+        }
+        self.role = Role::Primary;
+        self.persist_flags(flags::PRIMARY_IND, 0, out);
+        self.send_state(out);
+        Ok(())
+    }
+
+    /// `secondary [--force]`; `nbd_clients` is how many clients the
+    /// frontend holds (with `force` the driver has already dropped them).
+    pub fn demote(&mut self, nbd_clients: usize, out: &mut Vec<Action>) -> Result<(), Refusal> {
+        if self.role != Role::Primary {
+            return Ok(());
+        }
+        if nbd_clients > 0 {
+            return Err(Refusal::InUse(nbd_clients));
+        }
+        let busy = self.requests_in_flight();
+        if busy > 0 {
+            return Err(Refusal::Busy(busy));
+        }
+        self.role = Role::Secondary;
+        self.persist_flags(0, flags::PRIMARY_IND, out);
+        self.send_state(out);
+        Ok(())
+    }
+
+    /// `new-current-uuid --clear-bitmap` on a connected fresh pair: both
+    /// nodes take one new generation and count as UpToDate without a sync.
+    pub fn new_current_uuid_clear_bitmap(&mut self, out: &mut Vec<Action>) -> Result<(), Refusal> {
+        if !self.cstate.is_connected() {
+            return Err(Refusal::NotConnected);
+        }
+        if self.gens.current != UUID_JUST_CREATED
+            || !matches!(self.peer, Some(p) if p.gens.current == UUID_JUST_CREATED)
+        {
+            return Err(Refusal::Other(
+                "refusing to skip the initial sync: the pair has been used (its generations are not just-created)".into(),
+            ));
+        }
+        if self.role == Role::Primary || self.peer_role == Role::Primary {
+            return Err(Refusal::Other(
+                "refusing to skip the initial sync while a node is Primary".into(),
+            ));
+        }
+        let uuid = self.fresh_uuid();
+        self.adopt_uuid(uuid, out);
+        out.push(Action::Send(Packet::NewCurrentUuid { uuid }));
+        self.send_state(out);
+        Ok(())
+    }
+
+    /// `outdate`: mark the local data Outdated (fencing).
+    pub fn outdate(&mut self, out: &mut Vec<Action>) -> Result<(), Refusal> {
+        if self.role == Role::Primary {
+            return Err(Refusal::Other(
+                "refusing to outdate: this node is Primary".into(),
+            ));
+        }
+        if matches!(self.disk, DiskState::UpToDate | DiskState::Consistent) {
+            self.set_disk(DiskState::Outdated, out);
+            self.send_state(out);
+        }
+        Ok(())
+    }
+
+    // ---- events ----
+
+    /// Feed one event; append what the driver must do to `out`.
+    pub fn handle(&mut self, ev: Event, out: &mut Vec<Action>) {
+        match ev {
+            Event::Write {
+                req,
+                offset,
+                len,
+                kind,
+                fua,
+            } => self.client_write(req, offset, len, kind, fua, out),
+            Event::Flush { req } => self.client_flush(req, out),
+            Event::AlReady { req, ok } => self.al_ready(req, ok, out),
+            Event::LocalDone { op, ok } => self.local_done(op, ok, out),
+            Event::LinkUp { link } => self.link_up(link, out),
+            Event::LinkDown { link, cause } => self.link_lost(link, cause, out),
+            Event::Packet { link, packet } => {
+                if self.link == Some(link) {
+                    self.packet(packet, out);
+                }
+            }
+        }
+    }
+
+    fn client_write(
+        &mut self,
+        req: ReqId,
+        offset: u64,
+        len: u64,
+        kind: WriteKind,
+        fua: bool,
+        out: &mut Vec<Action>,
+    ) {
+        if self.role != Role::Primary {
+            out.push(Action::Complete {
+                req,
+                result: Err(IoFailure::NotPrimary),
+            });
+            return;
+        }
+        self.reqs.insert(
+            req,
+            Request {
+                kind: ReqKind::Write {
+                    offset,
+                    len,
+                    kind,
+                    fua,
+                },
+                pending: 0,
+                completion: 0,
+                started: false,
+                completed: false,
+                failed: false,
+                seq: None,
+                barrier: None,
+            },
+        );
+        self.waiting.push_back(req);
+        self.start_waiting(out);
+    }
+
+    /// Start waiting writes in order while they can: a write overlapping an
+    /// earlier one that has not finished locally waits, so both nodes apply
+    /// overlapping writes in the same order; a full transfer log holds
+    /// everything back.
+    fn start_waiting(&mut self, out: &mut Vec<Action>) {
+        while let Some(&req) = self.waiting.front() {
+            let Some(range) = self.reqs.get(&req).and_then(Request::range) else {
+                self.waiting.pop_front();
+                continue;
+            };
+            if self.tl.len() >= MAX_TRANSFER_LOG {
+                return;
+            }
+            let conflict = self.reqs.iter().any(|(&id, r)| {
+                id != req
+                    && r.started
+                    && r.pending & (LOCAL | AL) != 0
+                    && r.range()
+                        .is_some_and(|o| o.start < range.end && range.start < o.end)
+            });
+            if conflict {
+                return;
+            }
+            self.waiting.pop_front();
+            if let Some(r) = self.reqs.get_mut(&req) {
+                r.started = true;
+                r.pending = AL | LOCAL;
+                r.completion = AL | LOCAL;
+            }
+            out.push(Action::AlBegin { req, range });
+        }
+    }
+
+    fn al_ready(&mut self, req: ReqId, ok: bool, out: &mut Vec<Action>) {
+        let replicate = self.cstate.is_connected() && self.peer_accepts_writes();
+        let protocol = self.cfg.protocol;
+        let Some(r) = self.reqs.get_mut(&req) else {
+            return;
+        };
+        if r.pending & AL == 0 {
+            return;
+        }
+        r.pending &= !AL;
+        r.completion &= !AL;
+        let ReqKind::Write {
+            offset,
+            len,
+            kind,
+            fua,
+        } = r.kind
+        else {
+            return;
+        };
+        if !ok {
+            // Without the AL entry a crash could forget this write: refuse it.
+            r.failed = true;
+            r.pending = 0;
+            out.push(Action::Log(format!(
+                "activity log update failed; write at {offset}+{len} refused"
+            )));
+            self.finish(req, out);
+            return;
+        }
+        if replicate {
+            let seq = self.next_seq;
+            self.next_seq += 1;
+            r.seq = Some(seq);
+            r.pending |= WRITE_ACK;
+            match protocol {
+                Protocol::A => {}
+                Protocol::B => {
+                    r.pending |= RECV_ACK;
+                    r.completion |= RECV_ACK;
+                }
+                Protocol::C => r.completion |= WRITE_ACK,
+            }
+            self.tl.insert(seq, req);
+            if kind == WriteKind::Data {
+                self.counters.net_sent += len;
+            }
+            out.push(Action::Send(Packet::Data {
+                req,
+                seq,
+                epoch: self.epoch,
+                offset,
+                len,
+                kind,
+                fua,
+            }));
+        } else {
+            // Invariant 3: the peer will not see this write.
+            out.push(Action::MarkOutOfSync {
+                range: offset..offset + len,
+            });
+        }
+        self.counters.local_pending += 1;
+        out.push(Action::LocalWrite {
+            op: OpId::Client(req),
+            offset,
+            len,
+            kind,
+            fua,
+        });
+    }
+
+    fn client_flush(&mut self, req: ReqId, out: &mut Vec<Action>) {
+        let mut r = Request {
+            kind: ReqKind::Flush,
+            pending: LOCAL,
+            completion: LOCAL,
+            started: true,
+            completed: false,
+            failed: false,
+            seq: None,
+            barrier: None,
+        };
+        if self.cstate.is_connected() && self.role == Role::Primary {
+            let epoch = self.epoch;
+            self.epoch += 1;
+            self.counters.epochs += 1;
+            out.push(Action::Send(Packet::Barrier { epoch, flush: true }));
+            // Invariant 4: under C a flush means stable on the peer too.
+            if self.cfg.protocol == Protocol::C {
+                r.pending |= BARRIER_ACK;
+                r.completion |= BARRIER_ACK;
+                r.barrier = Some(epoch);
+                self.barrier_waiters.entry(epoch).or_default().push(req);
+            }
+        }
+        self.reqs.insert(req, r);
+        self.counters.local_pending += 1;
+        out.push(Action::LocalFlush {
+            op: OpId::Client(req),
+        });
+    }
+
+    fn local_done(&mut self, op: OpId, ok: bool, out: &mut Vec<Action>) {
+        self.counters.local_pending = self.counters.local_pending.saturating_sub(1);
+        match op {
+            OpId::Client(req) => {
+                let Some(r) = self.reqs.get_mut(&req) else {
+                    return;
+                };
+                r.pending &= !LOCAL;
+                if !ok {
+                    r.failed = true;
+                }
+                if let (true, ReqKind::Write { len, kind, .. }) = (ok, &r.kind) {
+                    if *kind == WriteKind::Data {
+                        self.counters.disk_written += len;
+                    }
+                }
+                self.finish(req, out);
+                self.start_waiting(out);
+            }
+            OpId::Peer(seq) => {
+                if let Some(range) = self.rx.inflight.remove(&seq) {
+                    self.counters.disk_written += range.end - range.start;
+                    if self.link.is_some() {
+                        out.push(Action::Send(if ok {
+                            Packet::WriteAck(seq)
+                        } else {
+                            Packet::NegAck(seq)
+                        }));
+                    }
+                }
+                self.drain_incoming(out);
+            }
+            OpId::PeerBarrier(epoch) => {
+                if self.rx.flushing == Some(epoch) {
+                    self.rx.flushing = None;
+                    if self.link.is_some() {
+                        // A failed flush is not an ack: the primary's flush
+                        // waits until the link drops and marks the epoch.
+                        if ok {
+                            out.push(Action::Send(Packet::BarrierAck {
+                                epoch,
+                                writes: self.rx.epoch_writes,
+                            }));
+                        } else {
+                            out.push(Action::Disconnect {
+                                reason: format!("local flush for epoch {epoch} failed"),
+                                standalone: false,
+                            });
+                        }
+                    }
+                    self.rx.epoch_writes = 0;
+                    self.drain_incoming(out);
+                }
+            }
+        }
+    }
+
+    /// Complete and retire a client request as its conditions clear.
+    fn finish(&mut self, req: ReqId, out: &mut Vec<Action>) {
+        let protocol = self.cfg.protocol;
+        let Some(r) = self.reqs.get_mut(&req) else {
+            return;
+        };
+        if !r.completed && (r.pending & r.completion == 0 || (r.failed && r.pending & LOCAL == 0)) {
+            r.completed = true;
+            // Invariant 1: a successful replicated write under C completes
+            // only once the peer wrote it, under B once it received it.
+            debug_assert!(
+                r.failed
+                    || r.seq.is_none()
+                    || match protocol {
+                        Protocol::C => r.pending & WRITE_ACK == 0,
+                        Protocol::B => r.pending & RECV_ACK == 0,
+                        Protocol::A => true,
+                    }
+            );
+            out.push(Action::Complete {
+                req,
+                result: if r.failed { Err(IoFailure::Io) } else { Ok(()) },
+            });
+        }
+        if r.completed && r.pending == 0 {
+            let range = r.range();
+            let started = r.started;
+            let seq = r.seq;
+            self.reqs.remove(&req);
+            if let Some(seq) = seq {
+                self.tl.remove(&seq);
+            }
+            if let (Some(range), true) = (range, started) {
+                out.push(Action::AlEnd { range });
+            }
+        }
+    }
+
+    fn peer_accepts_writes(&self) -> bool {
+        !matches!(
+            self.peer_disk,
+            DiskState::Diskless | DiskState::Failed | DiskState::DUnknown
+        )
+    }
+
+    // ---- the link ----
+
+    fn link_up(&mut self, link: u64, out: &mut Vec<Action>) {
+        if self.cstate == ConnState::StandAlone {
+            out.push(Action::Disconnect {
+                reason: "StandAlone: not accepting a link".into(),
+                standalone: true,
+            });
+            return;
+        }
+        if let Some(old) = self.link {
+            self.link_lost(old, ConnState::NetworkFailure, out);
+        }
+        self.link = Some(link);
+        self.peer = None;
+        self.epoch = 1;
+        self.next_seq = 1;
+        self.rx = Receiver {
+            epoch: 1,
+            ..Receiver::default()
+        };
+        self.cstate = ConnState::WFReportParams;
+        out.push(Action::Send(Packet::State(self.report())));
+    }
+
+    /// The link is gone: whatever the peer has not confirmed is out of sync.
+    fn link_lost(&mut self, link: u64, cause: ConnState, out: &mut Vec<Action>) {
+        if self.link != Some(link) {
+            return;
+        }
+        self.link = None;
+        self.peer = None;
+        let was_connected = self.cstate.is_connected();
+        let peer_was_up_to_date = self.peer_disk == DiskState::UpToDate;
+        self.cstate = if cause == ConnState::StandAlone {
+            ConnState::StandAlone
+        } else {
+            // The driver retries every connect-int; DRBD shows the cause
+            // only transiently.
+            ConnState::WFConnection
+        };
+        self.peer_role = Role::Unknown;
+        self.peer_disk = DiskState::DUnknown;
+        // Invariant 3: every write the peer did not confirm as written.
+        let tl: Vec<(u64, ReqId)> = std::mem::take(&mut self.tl).into_iter().collect();
+        for (_, req) in tl {
+            if let Some(r) = self.reqs.get_mut(&req) {
+                if let Some(range) = r.range() {
+                    out.push(Action::MarkOutOfSync { range });
+                }
+                r.pending &= !(WRITE_ACK | RECV_ACK);
+                r.completion &= !(WRITE_ACK | RECV_ACK);
+                r.seq = None;
+            }
+        }
+        for (_, reqs) in std::mem::take(&mut self.barrier_waiters) {
+            for req in reqs {
+                if let Some(r) = self.reqs.get_mut(&req) {
+                    r.pending &= !BARRIER_ACK;
+                    r.completion &= !BARRIER_ACK;
+                }
+            }
+        }
+        // Peer writes not yet started are dropped: the sender marks them.
+        self.rx.queue.clear();
+        let ids: Vec<ReqId> = self.reqs.keys().copied().collect();
+        for req in ids {
+            self.finish(req, out);
+        }
+        if self.role == Role::Primary && (was_connected || peer_was_up_to_date) {
+            // Invariant 5: writes from now on are a generation the peer lacks.
+            self.new_current_uuid(out);
+        }
+        self.start_waiting(out);
+    }
+
+    fn packet(&mut self, packet: Packet, out: &mut Vec<Action>) {
+        match packet {
+            Packet::State(report) => self.peer_state(report, out),
+            Packet::Data {
+                seq,
+                epoch,
+                offset,
+                len,
+                kind,
+                fua,
+                ..
+            } => {
+                if self.role == Role::Primary {
+                    self.protocol_error("peer sent data to a Primary", out);
+                    return;
+                }
+                let inside = matches!(offset.checked_add(len), Some(end) if end <= self.cfg.size);
+                if !inside || len == 0 {
+                    self.protocol_error(
+                        &format!("peer write {offset}+{len} is outside the device"),
+                        out,
+                    );
+                    return;
+                }
+                if self.rx.queue.len() >= MAX_PEER_QUEUE {
+                    self.protocol_error("peer overran the receive queue", out);
+                    return;
+                }
+                if epoch != self.rx.epoch {
+                    self.protocol_error(
+                        &format!(
+                            "peer write in epoch {epoch} while epoch {} is open",
+                            self.rx.epoch
+                        ),
+                        out,
+                    );
+                    return;
+                }
+                if kind == WriteKind::Data {
+                    self.counters.net_received += len;
+                }
+                if self.cfg.protocol == Protocol::B {
+                    out.push(Action::Send(Packet::RecvAck(seq)));
+                }
+                self.rx.queue.push_back(Incoming::Write {
+                    seq,
+                    offset,
+                    len,
+                    kind,
+                    fua,
+                });
+                self.drain_incoming(out);
+            }
+            Packet::Barrier { epoch, flush } => {
+                if self.rx.queue.len() >= MAX_PEER_QUEUE {
+                    self.protocol_error("peer overran the receive queue", out);
+                    return;
+                }
+                if epoch != self.rx.epoch {
+                    self.protocol_error(
+                        &format!(
+                            "peer barrier for epoch {epoch} while epoch {} is open",
+                            self.rx.epoch
+                        ),
+                        out,
+                    );
+                    return;
+                }
+                self.rx.epoch += 1;
+                self.rx.queue.push_back(Incoming::Barrier { epoch, flush });
+                self.drain_incoming(out);
+            }
+            Packet::RecvAck(seq) => {
+                if let Some(&req) = self.tl.get(&seq) {
+                    if let Some(r) = self.reqs.get_mut(&req) {
+                        r.pending &= !RECV_ACK;
+                    }
+                    self.finish(req, out);
+                }
+            }
+            Packet::WriteAck(seq) | Packet::NegAck(seq) => {
+                let neg = matches!(packet, Packet::NegAck(_));
+                if let Some(req) = self.tl.remove(&seq) {
+                    if let Some(r) = self.reqs.get_mut(&req) {
+                        if neg {
+                            if let Some(range) = r.range() {
+                                out.push(Action::MarkOutOfSync { range });
+                            }
+                        }
+                        r.pending &= !(WRITE_ACK | RECV_ACK);
+                        r.seq = None;
+                    }
+                    self.finish(req, out);
+                    self.start_waiting(out);
+                }
+            }
+            Packet::BarrierAck { epoch, .. } => {
+                for req in self.barrier_waiters.remove(&epoch).unwrap_or_default() {
+                    if let Some(r) = self.reqs.get_mut(&req) {
+                        r.pending &= !BARRIER_ACK;
+                    }
+                    self.finish(req, out);
+                }
+            }
+            Packet::NewCurrentUuid { uuid } => {
+                if self.gens.current == UUID_JUST_CREATED && self.role == Role::Secondary {
+                    self.adopt_uuid(uuid, out);
+                    self.send_state(out);
+                } else {
+                    out.push(Action::Log(format!(
+                        "ignoring the peer's new-current-uuid {uuid:016X}: this node's data is not just-created"
+                    )));
+                }
+            }
+        }
+    }
+
+    /// Start what the receive queue allows: writes of the current epoch
+    /// that overlap nothing in flight, and a barrier once its epoch drained.
+    fn drain_incoming(&mut self, out: &mut Vec<Action>) {
+        while let Some(head) = self.rx.queue.front() {
+            if self.rx.flushing.is_some() {
+                return;
+            }
+            match *head {
+                Incoming::Write {
+                    seq,
+                    offset,
+                    len,
+                    kind,
+                    fua,
+                    ..
+                } => {
+                    let range = offset..offset + len;
+                    let overlap = self
+                        .rx
+                        .inflight
+                        .values()
+                        .any(|o| o.start < range.end && range.start < o.end);
+                    if overlap {
+                        return;
+                    }
+                    self.rx.queue.pop_front();
+                    self.rx.inflight.insert(seq, range);
+                    self.rx.epoch_writes += 1;
+                    self.counters.local_pending += 1;
+                    out.push(Action::LocalWrite {
+                        op: OpId::Peer(seq),
+                        offset,
+                        len,
+                        kind,
+                        fua,
+                    });
+                }
+                Incoming::Barrier { epoch, flush } => {
+                    // Flush is a barrier: nothing of the next epoch starts
+                    // before this one is done (and stable when asked).
+                    if !self.rx.inflight.is_empty() {
+                        return;
+                    }
+                    self.rx.queue.pop_front();
+                    if flush {
+                        self.rx.flushing = Some(epoch);
+                        self.counters.local_pending += 1;
+                        out.push(Action::LocalFlush {
+                            op: OpId::PeerBarrier(epoch),
+                        });
+                        return;
+                    }
+                    out.push(Action::Send(Packet::BarrierAck {
+                        epoch,
+                        writes: self.rx.epoch_writes,
+                    }));
+                    self.rx.epoch_writes = 0;
+                }
+            }
+        }
+    }
+
+    fn protocol_error(&mut self, why: &str, out: &mut Vec<Action>) {
+        if let Some(link) = self.link {
+            out.push(Action::Disconnect {
+                reason: format!("protocol error: {why}"),
+                standalone: false,
+            });
+            self.link_lost(link, ConnState::ProtocolError, out);
+        }
+    }
+
+    fn refuse_peer(&mut self, why: String, out: &mut Vec<Action>) {
+        if let Some(link) = self.link {
+            self.link_lost(link, ConnState::StandAlone, out);
+            out.push(Action::Disconnect {
+                reason: why,
+                standalone: true,
+            });
+        }
+    }
+
+    fn peer_state(&mut self, report: Report, out: &mut Vec<Action>) {
+        let first = self.peer.is_none();
+        self.peer = Some(report);
+        if first {
+            if report.size != self.cfg.size {
+                return self.refuse_peer(
+                    format!(
+                        "the peer's data size is {} bytes, this node's {}: refusing to connect",
+                        report.size, self.cfg.size
+                    ),
+                    out,
+                );
+            }
+            if report.protocol != self.cfg.protocol {
+                return self.refuse_peer(
+                    format!(
+                        "the peer uses protocol {}, this node {}: refusing to connect",
+                        report.protocol, self.cfg.protocol
+                    ),
+                    out,
+                );
+            }
+            if report.role == Role::Primary && self.role == Role::Primary {
+                out.push(Action::SplitBrain {
+                    rule: "both-primary",
+                });
+                return self.refuse_peer(
+                    "split brain: both nodes are Primary; disconnecting".into(),
+                    out,
+                );
+            }
+            let (rule, decision) = gi::compare(&self.gens, &report.gens);
+            out.push(Action::Log(format!(
+                "generations: mine {}, peer {}: rule {}",
+                fmt_gens(&self.gens),
+                fmt_gens(&report.gens),
+                rule.name()
+            )));
+            match decision {
+                gi::Decision::SplitBrain => {
+                    out.push(Action::SplitBrain { rule: rule.name() });
+                    return self.refuse_peer(
+                        format!("split brain detected ({}); disconnecting", rule.name()),
+                        out,
+                    );
+                }
+                gi::Decision::Unrelated => {
+                    return self.refuse_peer(
+                        "unrelated data: the peer's generations share nothing with ours; refusing to connect".into(),
+                        out,
+                    );
+                }
+                gi::Decision::NoSync => {
+                    if matches!(self.disk, DiskState::Consistent | DiskState::Outdated)
+                        && matches!(report.disk, DiskState::UpToDate | DiskState::Consistent)
+                    {
+                        self.set_disk(DiskState::UpToDate, out);
+                    }
+                }
+                gi::Decision::Source { full } => {
+                    if self.disk == DiskState::Consistent {
+                        self.set_disk(DiskState::UpToDate, out);
+                    }
+                    if full {
+                        out.push(Action::MarkOutOfSync {
+                            range: 0..self.cfg.size,
+                        });
+                    }
+                    out.push(Action::Log(
+                        "this node is ahead; the peer needs a resync".into(),
+                    ));
+                }
+                gi::Decision::Target { .. } => {
+                    if matches!(self.disk, DiskState::UpToDate | DiskState::Consistent) {
+                        self.set_disk(DiskState::Outdated, out);
+                    }
+                    out.push(Action::Log(
+                        "the peer is ahead; this node needs a resync".into(),
+                    ));
+                }
+            }
+            self.cstate = ConnState::Connected;
+            out.push(Action::PersistFlags {
+                set: flags::CONNECTED_IND,
+                clear: 0,
+            });
+            self.flags |= flags::CONNECTED_IND;
+            self.send_state(out);
+        } else if report.role == Role::Primary && self.role == Role::Primary {
+            out.push(Action::SplitBrain {
+                rule: "both-primary",
+            });
+            return self.refuse_peer(
+                "split brain: both nodes are Primary; disconnecting".into(),
+                out,
+            );
+        }
+        self.peer_role = report.role;
+        self.peer_disk = report.disk;
+        self.start_waiting(out);
+    }
+
+    fn send_state(&mut self, out: &mut Vec<Action>) {
+        if self.cstate.is_connected() {
+            out.push(Action::Send(Packet::State(self.report())));
+        }
+    }
+
+    // ---- generations and flags ----
+
+    fn fresh_uuid(&mut self) -> u64 {
+        // splitmix64: the engine seeds it from the OS, the simulation from
+        // its seed. The low bits stay clear of the reserved small values.
+        self.rng = self.rng.wrapping_add(0x9E37_79B9_7F4A_7C15);
+        let mut z = self.rng;
+        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+        (z ^ (z >> 31)) | 0x100
+    }
+
+    fn new_current_uuid(&mut self, out: &mut Vec<Action>) {
+        let mut g = self.gens;
+        if g.current != UUID_JUST_CREATED && g.bitmap == 0 {
+            g.bitmap = g.current;
+        }
+        g.current = self.fresh_uuid();
+        self.gens = g;
+        out.push(Action::PersistGenerations(g));
+    }
+
+    fn adopt_uuid(&mut self, uuid: u64, out: &mut Vec<Action>) {
+        self.gens = Generations {
+            current: uuid,
+            bitmap: 0,
+            history: [0, 0],
+        };
+        out.push(Action::PersistGenerations(self.gens));
+        out.push(Action::ClearBitmap);
+        self.set_disk(DiskState::UpToDate, out);
+    }
+
+    fn set_disk(&mut self, disk: DiskState, out: &mut Vec<Action>) {
+        self.disk = disk;
+        let (set, clear) = match disk {
+            DiskState::UpToDate => (flags::CONSISTENT | flags::WAS_UP_TO_DATE, 0),
+            DiskState::Outdated => (flags::CONSISTENT, flags::WAS_UP_TO_DATE),
+            DiskState::Inconsistent => (0, flags::CONSISTENT | flags::WAS_UP_TO_DATE),
+            _ => return,
+        };
+        self.persist_flags(set, clear, out);
+    }
+
+    fn persist_flags(&mut self, set: u32, clear: u32, out: &mut Vec<Action>) {
+        let new = (self.flags | set) & !clear;
+        if new != self.flags {
+            self.flags = new;
+            out.push(Action::PersistFlags { set, clear });
+        }
+    }
+}
+
+/// Generations as DRBD prints them: current:bitmap:history:history.
+pub fn fmt_gens(g: &Generations) -> String {
+    format!(
+        "{:016X}:{:016X}:{:016X}:{:016X}",
+        g.current, g.bitmap, g.history[0], g.history[1]
+    )
+}
+
+#[cfg(test)]
+mod tests;

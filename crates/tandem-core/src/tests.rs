@@ -1,0 +1,539 @@
+//! Two cores wired back to back with every action executed by hand, so each
+//! test controls exactly which completion arrives when.
+
+use super::*;
+
+const SIZE: u64 = 1 << 20;
+
+fn attached_up_to_date(current: u64) -> Attached {
+    Attached {
+        gens: Generations {
+            current,
+            bitmap: 0,
+            history: [0, 0],
+        },
+        flags: flags::CONSISTENT | flags::WAS_UP_TO_DATE,
+    }
+}
+
+/// One node plus everything it asked for that has not been executed yet.
+struct Node {
+    core: Core,
+    actions: Vec<Action>,
+}
+
+impl Node {
+    fn new(protocol: Protocol, attached: Attached, seed: u64) -> Node {
+        let mut core = Core::new(
+            Config {
+                protocol,
+                size: SIZE,
+            },
+            attached,
+            seed,
+        );
+        core.connect();
+        Node {
+            core,
+            actions: Vec::new(),
+        }
+    }
+    fn feed(&mut self, ev: Event) {
+        self.core.handle(ev, &mut self.actions);
+    }
+    fn take(&mut self) -> Vec<Action> {
+        std::mem::take(&mut self.actions)
+    }
+    /// Answer every AL request at once; return the rest.
+    fn take_after_al(&mut self) -> Vec<Action> {
+        loop {
+            let acts = self.take();
+            let mut again = false;
+            let mut rest = Vec::new();
+            for a in acts {
+                if let Action::AlBegin { req, .. } = a {
+                    self.feed(Event::AlReady { req, ok: true });
+                    again = true;
+                } else {
+                    rest.push(a);
+                }
+            }
+            self.actions.splice(0..0, rest);
+            if !again {
+                return self.take();
+            }
+        }
+    }
+}
+
+fn sends(acts: &[Action]) -> Vec<Packet> {
+    acts.iter()
+        .filter_map(|a| match a {
+            Action::Send(p) => Some(p.clone()),
+            _ => None,
+        })
+        .collect()
+}
+
+fn completed(acts: &[Action]) -> Vec<(ReqId, Result<(), IoFailure>)> {
+    acts.iter()
+        .filter_map(|a| match a {
+            Action::Complete { req, result } => Some((*req, *result)),
+            _ => None,
+        })
+        .collect()
+}
+
+/// Connect two nodes: exchange state reports until both are Connected.
+fn connect(a: &mut Node, b: &mut Node) {
+    a.feed(Event::LinkUp { link: 1 });
+    b.feed(Event::LinkUp { link: 1 });
+    for _ in 0..4 {
+        let to_b = sends(&a.take());
+        let to_a = sends(&b.take());
+        for p in to_b {
+            b.feed(Event::Packet { link: 1, packet: p });
+        }
+        for p in to_a {
+            a.feed(Event::Packet { link: 1, packet: p });
+        }
+    }
+    assert_eq!(a.core.cstate(), ConnState::Connected);
+    assert_eq!(b.core.cstate(), ConnState::Connected);
+}
+
+fn pair(protocol: Protocol) -> (Node, Node) {
+    let mut a = Node::new(protocol, attached_up_to_date(0xAAA0), 1);
+    let mut b = Node::new(protocol, attached_up_to_date(0xAAA0), 2);
+    connect(&mut a, &mut b);
+    assert_eq!(a.core.disk(), DiskState::UpToDate);
+    assert_eq!(b.core.peer_disk(), DiskState::UpToDate);
+    a.core.promote(false, &mut a.actions).unwrap();
+    for p in sends(&a.take()) {
+        b.feed(Event::Packet { link: 1, packet: p });
+    }
+    b.take();
+    assert_eq!(b.core.peer_role(), Role::Primary);
+    (a, b)
+}
+
+fn write(req: ReqId, offset: u64) -> Event {
+    Event::Write {
+        req,
+        offset,
+        len: 4096,
+        kind: WriteKind::Data,
+        fua: false,
+    }
+}
+
+/// Under each protocol, the point at which a write completes.
+#[test]
+fn completion_by_protocol() {
+    for protocol in [Protocol::A, Protocol::B, Protocol::C] {
+        let (mut a, mut b) = pair(protocol);
+        a.feed(write(7, 0));
+        let acts = a.take_after_al();
+        let data = sends(&acts);
+        assert!(
+            matches!(data[..], [Packet::Data { seq: 1, .. }]),
+            "{data:?}"
+        );
+        assert!(completed(&acts).is_empty());
+        a.feed(Event::LocalDone {
+            op: OpId::Client(7),
+            ok: true,
+        });
+        let after_local = a.take();
+        assert_eq!(
+            !completed(&after_local).is_empty(),
+            protocol == Protocol::A,
+            "{protocol}: complete after local only under A"
+        );
+        b.feed(Event::Packet {
+            link: 1,
+            packet: data[0].clone(),
+        });
+        let peer_acts = b.take();
+        let recv: Vec<Packet> = sends(&peer_acts);
+        assert_eq!(
+            recv.contains(&Packet::RecvAck(1)),
+            protocol == Protocol::B,
+            "{protocol}"
+        );
+        for p in recv {
+            a.feed(Event::Packet { link: 1, packet: p });
+        }
+        let after_recv = a.take();
+        assert_eq!(
+            !completed(&after_recv).is_empty(),
+            protocol == Protocol::B,
+            "{protocol}: completes on the receive ack under B"
+        );
+        b.feed(Event::LocalDone {
+            op: OpId::Peer(1),
+            ok: true,
+        });
+        let acks = sends(&b.take());
+        assert_eq!(acks, vec![Packet::WriteAck(1)]);
+        a.feed(Event::Packet {
+            link: 1,
+            packet: Packet::WriteAck(1),
+        });
+        let after_write = a.take();
+        assert_eq!(
+            !completed(&after_write).is_empty(),
+            protocol == Protocol::C,
+            "{protocol}: completes on the write ack under C"
+        );
+        assert!(after_write.contains(&Action::AlEnd { range: 0..4096 }));
+        assert!(a.core.is_idle());
+    }
+}
+
+/// Invariant 3: a write the peer never confirmed is out of sync once the
+/// link drops, and the waiting client gets its answer.
+#[test]
+fn link_loss_marks_unconfirmed_writes_and_rotates_the_generation() {
+    let (mut a, _b) = pair(Protocol::C);
+    let before = a.core.generations();
+    a.feed(write(1, 8192));
+    a.take_after_al();
+    a.feed(Event::LocalDone {
+        op: OpId::Client(1),
+        ok: true,
+    });
+    assert!(completed(&a.take()).is_empty());
+    a.feed(Event::LinkDown {
+        link: 1,
+        cause: ConnState::NetworkFailure,
+    });
+    let acts = a.take();
+    let mark = acts
+        .iter()
+        .position(|x| *x == Action::MarkOutOfSync { range: 8192..12288 })
+        .expect("marked");
+    let done = acts
+        .iter()
+        .position(|x| {
+            matches!(
+                x,
+                Action::Complete {
+                    req: 1,
+                    result: Ok(())
+                }
+            )
+        })
+        .expect("completed");
+    assert!(mark < done, "marked before completion: {acts:?}");
+    let g = a.core.generations();
+    assert_ne!(g.current, before.current);
+    assert_eq!(
+        g.bitmap, before.current,
+        "the old generation becomes the bitmap's"
+    );
+    assert!(acts.contains(&Action::PersistGenerations(g)));
+    assert_eq!(a.core.cstate(), ConnState::WFConnection);
+    assert_eq!(a.core.peer_disk(), DiskState::DUnknown);
+    // Writes while disconnected are marked, not sent.
+    a.feed(write(2, 0));
+    let acts = a.take_after_al();
+    assert!(sends(&acts).is_empty());
+    assert!(acts.contains(&Action::MarkOutOfSync { range: 0..4096 }));
+}
+
+/// Invariant 4 under C: the flush waits for the peer's barrier ack, and the
+/// peer acks only after its own flush.
+#[test]
+fn flush_waits_for_the_peer_under_c() {
+    let (mut a, mut b) = pair(Protocol::C);
+    a.feed(Event::Flush { req: 9 });
+    let acts = a.take();
+    let barrier = sends(&acts);
+    assert_eq!(
+        barrier,
+        vec![Packet::Barrier {
+            epoch: 1,
+            flush: true
+        }]
+    );
+    a.feed(Event::LocalDone {
+        op: OpId::Client(9),
+        ok: true,
+    });
+    assert!(completed(&a.take()).is_empty());
+    b.feed(Event::Packet {
+        link: 1,
+        packet: barrier[0].clone(),
+    });
+    let peer = b.take();
+    assert!(peer.contains(&Action::LocalFlush {
+        op: OpId::PeerBarrier(1)
+    }));
+    assert!(sends(&peer).is_empty(), "no ack before the peer's flush");
+    b.feed(Event::LocalDone {
+        op: OpId::PeerBarrier(1),
+        ok: true,
+    });
+    let ack = sends(&b.take());
+    assert_eq!(
+        ack,
+        vec![Packet::BarrierAck {
+            epoch: 1,
+            writes: 0
+        }]
+    );
+    a.feed(Event::Packet {
+        link: 1,
+        packet: ack[0].clone(),
+    });
+    assert_eq!(completed(&a.take()), vec![(9, Ok(()))]);
+}
+
+/// The peer never starts a write of the next epoch before the barrier's
+/// flush, and never two overlapping writes at once.
+#[test]
+fn peer_orders_epochs_and_overlaps() {
+    let (_a, mut b) = pair(Protocol::C);
+    let data = |seq, epoch, offset| Packet::Data {
+        req: 0,
+        seq,
+        epoch,
+        offset,
+        len: 4096,
+        kind: WriteKind::Data,
+        fua: false,
+    };
+    for p in [
+        data(1, 1, 0),
+        data(2, 1, 0),
+        Packet::Barrier {
+            epoch: 1,
+            flush: true,
+        },
+        data(3, 2, 65536),
+    ] {
+        b.feed(Event::Packet { link: 1, packet: p });
+    }
+    let acts = b.take();
+    let writes: Vec<_> = acts
+        .iter()
+        .filter(|a| matches!(a, Action::LocalWrite { .. }))
+        .collect();
+    assert_eq!(writes.len(), 1, "the overlapping write waits: {acts:?}");
+    b.feed(Event::LocalDone {
+        op: OpId::Peer(1),
+        ok: true,
+    });
+    let acts = b.take();
+    assert!(acts.iter().any(|a| matches!(
+        a,
+        Action::LocalWrite {
+            op: OpId::Peer(2),
+            ..
+        }
+    )));
+    assert!(!acts.iter().any(|a| matches!(
+        a,
+        Action::LocalWrite {
+            op: OpId::Peer(3),
+            ..
+        }
+    )));
+    b.feed(Event::LocalDone {
+        op: OpId::Peer(2),
+        ok: true,
+    });
+    let acts = b.take();
+    assert!(acts.contains(&Action::LocalFlush {
+        op: OpId::PeerBarrier(1)
+    }));
+    assert!(!acts.iter().any(|a| matches!(
+        a,
+        Action::LocalWrite {
+            op: OpId::Peer(3),
+            ..
+        }
+    )));
+    b.feed(Event::LocalDone {
+        op: OpId::PeerBarrier(1),
+        ok: true,
+    });
+    let acts = b.take();
+    assert!(acts.iter().any(|a| matches!(
+        a,
+        Action::LocalWrite {
+            op: OpId::Peer(3),
+            ..
+        }
+    )));
+}
+
+/// The Primary never submits two overlapping writes at once either.
+#[test]
+fn overlapping_client_writes_are_serialised() {
+    let (mut a, _b) = pair(Protocol::A);
+    a.feed(write(1, 0));
+    a.feed(write(2, 0));
+    a.feed(write(3, 4096));
+    let acts = a.take_after_al();
+    let started: Vec<OpId> = acts
+        .iter()
+        .filter_map(|x| match x {
+            Action::LocalWrite { op, .. } => Some(*op),
+            _ => None,
+        })
+        .collect();
+    assert_eq!(started, vec![OpId::Client(1)], "write 3 queues behind 2");
+    a.feed(Event::LocalDone {
+        op: OpId::Client(1),
+        ok: true,
+    });
+    let acts = a.take_after_al();
+    let started: Vec<OpId> = acts
+        .iter()
+        .filter_map(|x| match x {
+            Action::LocalWrite { op, .. } => Some(*op),
+            _ => None,
+        })
+        .collect();
+    assert_eq!(started, vec![OpId::Client(2), OpId::Client(3)]);
+}
+
+#[test]
+fn role_rules() {
+    let (mut a, mut b) = pair(Protocol::C);
+    assert_eq!(
+        b.core.promote(false, &mut b.actions),
+        Err(Refusal::PeerIsPrimary)
+    );
+    assert_eq!(
+        b.core.promote(true, &mut b.actions),
+        Err(Refusal::PeerIsPrimary),
+        "--force does not make two Primaries"
+    );
+    assert_eq!(
+        a.core.demote(2, &mut a.actions).map_err(|e| e.to_string()),
+        Err("device is in use by 2 NBD clients".to_string())
+    );
+    a.core.demote(0, &mut a.actions).unwrap();
+    assert!(a.core.flags() & flags::PRIMARY_IND == 0);
+
+    // No UpToDate data: refused unless forced; forcing starts a generation.
+    let mut c = Node::new(
+        Protocol::C,
+        Attached {
+            gens: Generations {
+                current: UUID_JUST_CREATED,
+                ..Default::default()
+            },
+            flags: 0,
+        },
+        3,
+    );
+    assert_eq!(c.core.disk(), DiskState::Inconsistent);
+    assert_eq!(
+        c.core
+            .promote(false, &mut c.actions)
+            .map_err(|e| e.to_string()),
+        Err("refusing to promote: no UpToDate data (use --force)".to_string())
+    );
+    c.core.promote(true, &mut c.actions).unwrap();
+    assert_eq!(c.core.disk(), DiskState::UpToDate);
+    assert_ne!(c.core.generations().current, UUID_JUST_CREATED);
+}
+
+/// Invariant 5: promoting without a peer persists a new generation before
+/// the role changes, so the first write already belongs to it.
+#[test]
+fn promotion_without_peer_starts_a_generation_first() {
+    let mut a = Node::new(Protocol::C, attached_up_to_date(0xAB00), 5);
+    assert_eq!(a.core.disk(), DiskState::Consistent);
+    a.core.promote(false, &mut a.actions).unwrap();
+    let acts = a.take();
+    assert!(
+        matches!(acts[0], Action::PersistGenerations(g) if g.bitmap == 0xAB00 && g.current != 0xAB00)
+    );
+    assert_eq!(a.core.disk(), DiskState::UpToDate);
+}
+
+#[test]
+fn fresh_pair_skips_the_initial_sync() {
+    let fresh = Attached {
+        gens: Generations {
+            current: UUID_JUST_CREATED,
+            ..Default::default()
+        },
+        flags: 0,
+    };
+    let mut a = Node::new(Protocol::C, fresh, 1);
+    let mut b = Node::new(Protocol::C, fresh, 2);
+    connect(&mut a, &mut b);
+    assert_eq!(a.core.disk(), DiskState::Inconsistent);
+    a.core
+        .new_current_uuid_clear_bitmap(&mut a.actions)
+        .unwrap();
+    for p in sends(&a.take()) {
+        b.feed(Event::Packet { link: 1, packet: p });
+    }
+    for p in sends(&b.take()) {
+        a.feed(Event::Packet { link: 1, packet: p });
+    }
+    assert_eq!(a.core.disk(), DiskState::UpToDate);
+    assert_eq!(b.core.disk(), DiskState::UpToDate);
+    assert_eq!(a.core.peer_disk(), DiskState::UpToDate);
+    assert_eq!(a.core.generations(), b.core.generations());
+    assert!(
+        a.core
+            .new_current_uuid_clear_bitmap(&mut a.actions)
+            .is_err(),
+        "only on a fresh pair"
+    );
+}
+
+/// Split brain is never silent: both Primary with diverged generations.
+#[test]
+fn diverged_generations_are_split_brain() {
+    let (mut a, mut b) = pair(Protocol::C);
+    a.feed(Event::LinkDown {
+        link: 1,
+        cause: ConnState::NetworkFailure,
+    });
+    b.feed(Event::LinkDown {
+        link: 1,
+        cause: ConnState::NetworkFailure,
+    });
+    b.core.promote(false, &mut b.actions).unwrap();
+    a.core.demote(0, &mut a.actions).unwrap();
+    b.core.demote(0, &mut b.actions).unwrap();
+    a.take();
+    b.take();
+    a.feed(Event::LinkUp { link: 2 });
+    b.feed(Event::LinkUp { link: 2 });
+    let to_b = sends(&a.take());
+    let to_a = sends(&b.take());
+    for p in to_b {
+        b.feed(Event::Packet { link: 2, packet: p });
+    }
+    for p in to_a {
+        a.feed(Event::Packet { link: 2, packet: p });
+    }
+    for n in [&mut a, &mut b] {
+        let acts = n.take();
+        assert!(
+            acts.iter().any(|x| matches!(x, Action::SplitBrain { .. })),
+            "{acts:?}"
+        );
+        assert_eq!(n.core.cstate(), ConnState::StandAlone);
+    }
+}
+
+#[test]
+fn stale_link_events_are_ignored() {
+    let (mut a, _b) = pair(Protocol::C);
+    a.feed(Event::LinkDown {
+        link: 0,
+        cause: ConnState::NetworkFailure,
+    });
+    assert_eq!(a.core.cstate(), ConnState::Connected);
+}
