@@ -1,0 +1,250 @@
+//! Framing over tokio streams: a bounded frame reader and a frame writer.
+
+use crate::frame::{decode, encode, encode_head, frame_len, HEADER_LEN};
+use crate::{Message, WireError, MAX_DATA};
+use bytes::{BufMut, BytesMut};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+
+/// How much the reader asks the socket for when it does not yet know how
+/// much it needs (or needs less): large enough that a stream of small acks
+/// costs one read call per many frames, small next to a maximal frame.
+const READ_CHUNK: usize = 64 * 1024;
+
+/// Payloads up to this size are copied next to their header so the frame
+/// goes out in one write; larger ones are written from their own buffer,
+/// since copying megabytes costs more than a second write call.
+const COPY_LIMIT: usize = 64 * 1024;
+
+/// Reads whole frames from a stream.
+///
+/// Bounded: the buffer never holds more than the current frame or
+/// 64 KiB, whichever is larger, so at most one maximal frame
+/// ([`crate::HEADER_LEN`] + [`crate::MAX_BODY`]). A header announcing more
+/// than its type allows fails before its body is read.
+#[derive(Debug)]
+pub struct FrameReader<R> {
+    inner: R,
+    buf: BytesMut,
+}
+
+impl<R: AsyncRead + Unpin> FrameReader<R> {
+    /// A reader over `r` with an empty buffer.
+    pub fn new(r: R) -> Self {
+        Self {
+            inner: r,
+            buf: BytesMut::new(),
+        }
+    }
+
+    /// The next message; `Ok(None)` when the peer closed the stream cleanly
+    /// between frames.
+    ///
+    /// Cancel-safe: bytes read so far stay buffered if the future is
+    /// dropped (e.g. losing a `tokio::select!` against a timer), and the
+    /// next call continues where this one stopped.
+    pub async fn next(&mut self) -> Result<Option<Message>, WireError> {
+        loop {
+            if let Some(msg) = decode(&mut self.buf)? {
+                return Ok(Some(msg));
+            }
+            // decode() consumed nothing, so the buffer holds part of one
+            // frame. Read at most up to the end of that frame, or a chunk
+            // when that is more: this is what keeps the buffer bounded.
+            let frame_end = frame_len(&self.buf)?.unwrap_or(HEADER_LEN);
+            let want = frame_end.max(READ_CHUNK).saturating_sub(self.buf.len());
+            self.buf.reserve(want);
+            let n = self
+                .inner
+                .read_buf(&mut (&mut self.buf).limit(want))
+                .await?;
+            if n == 0 {
+                return if self.buf.is_empty() {
+                    Ok(None)
+                } else {
+                    Err(WireError::ClosedMidFrame {
+                        buffered: self.buf.len(),
+                    })
+                };
+            }
+        }
+    }
+
+    /// The underlying stream. Bytes already read but not yet decoded are
+    /// lost, so call this only between conversations (e.g. after EOF).
+    pub fn into_inner(self) -> R {
+        self.inner
+    }
+}
+
+/// Encode `msg` and write it to `w`, then flush.
+///
+/// The flush costs nothing on a TCP stream but matters for buffered
+/// writers, where a frame left in a buffer would stall the peer. Not
+/// cancel-safe: a dropped future may leave part of a frame written, after
+/// which the connection must be closed.
+pub async fn write_message<W: AsyncWrite + Unpin>(
+    w: &mut W,
+    msg: &Message,
+) -> Result<(), WireError> {
+    let mut buf = BytesMut::new();
+    match msg {
+        Message::Data { data, .. } if data.len() > MAX_DATA => {
+            return Err(WireError::PayloadTooLarge { len: data.len() });
+        }
+        Message::Data { data, .. } if data.len() > COPY_LIMIT => {
+            encode_head(msg, &mut buf);
+            w.write_all(&buf).await?;
+            w.write_all(data).await?;
+        }
+        _ => {
+            encode(msg, &mut buf);
+            w.write_all(&buf).await?;
+        }
+    }
+    w.flush().await?;
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::frame::{data_crc, MAGIC};
+    use bytes::Bytes;
+
+    #[tokio::test]
+    async fn messages_cross_a_stream_and_eof_between_frames_is_clean() {
+        let (mut a, b) = tokio::io::duplex(1024);
+        let big = Bytes::from(vec![0x5a; 300_000]);
+        let msgs = vec![
+            Message::Ping,
+            Message::Data {
+                seq: 1,
+                epoch: 1,
+                offset: 0,
+                fua: false,
+                crc: Some(data_crc(&big)),
+                data: big.clone(),
+            },
+            Message::Data {
+                seq: 2,
+                epoch: 1,
+                offset: 0,
+                fua: true,
+                crc: None,
+                data: Bytes::from_static(b"small"),
+            },
+            Message::Barrier {
+                epoch: 1,
+                flush: true,
+            },
+        ];
+        let sent = msgs.clone();
+        let writer = tokio::spawn(async move {
+            for m in &sent {
+                write_message(&mut a, m).await.unwrap();
+            }
+        });
+        let mut r = FrameReader::new(b);
+        for m in &msgs {
+            assert_eq!(&r.next().await.unwrap().unwrap(), m);
+            assert!(r.buf.len() <= READ_CHUNK.max(HEADER_LEN + big.len() + 30));
+        }
+        writer.await.unwrap();
+        assert!(r.next().await.unwrap().is_none());
+    }
+
+    #[tokio::test]
+    async fn eof_inside_a_frame_is_an_error() {
+        let mut frame = BytesMut::new();
+        encode(&Message::RecvAck { seq: 9 }, &mut frame);
+        let (mut a, b) = tokio::io::duplex(1024);
+        a.write_all(&frame[..frame.len() - 3]).await.unwrap();
+        drop(a);
+        let err = FrameReader::new(b).next().await.unwrap_err();
+        assert!(
+            matches!(err, WireError::ClosedMidFrame { buffered: 17 }),
+            "{err}"
+        );
+    }
+
+    #[tokio::test]
+    async fn oversized_header_fails_before_the_body_is_read() {
+        let (mut a, b) = tokio::io::duplex(1024);
+        let mut h = BytesMut::new();
+        h.put_u32_le(MAGIC);
+        h.put_u16_le(0x0020);
+        h.put_u16_le(0);
+        h.put_u32_le(u32::MAX);
+        a.write_all(&h).await.unwrap();
+        // The writer stays open: the reader must not wait for the body.
+        let mut r = FrameReader::new(b);
+        let err = r.next().await.unwrap_err();
+        assert!(matches!(err, WireError::FrameTooLarge { .. }), "{err}");
+        assert!(
+            r.buf.capacity() <= 2 * READ_CHUNK,
+            "capacity {}",
+            r.buf.capacity()
+        );
+    }
+
+    #[tokio::test]
+    async fn a_maximal_data_frame_is_read_and_the_buffer_stays_bounded() {
+        let (mut a, b) = tokio::io::duplex(1 << 20);
+        let data = Bytes::from(vec![0xa5; MAX_DATA]);
+        let msg = Message::Data {
+            seq: 7,
+            epoch: 1,
+            offset: 0,
+            fua: false,
+            crc: None,
+            data,
+        };
+        let sent = msg.clone();
+        let writer = tokio::spawn(async move {
+            write_message(&mut a, &sent).await.unwrap();
+            write_message(&mut a, &Message::Ping).await.unwrap();
+        });
+        let mut r = FrameReader::new(b);
+        assert_eq!(r.next().await.unwrap().unwrap(), msg);
+        assert!(r.buf.len() <= crate::HEADER_LEN + crate::MAX_BODY);
+        assert_eq!(r.next().await.unwrap().unwrap(), Message::Ping);
+        writer.await.unwrap();
+    }
+
+    #[tokio::test]
+    async fn oversized_payload_is_refused_by_the_writer() {
+        let (mut a, _b) = tokio::io::duplex(64);
+        let data = Bytes::from(vec![0; MAX_DATA + 1]);
+        let err = write_message(
+            &mut a,
+            &Message::Data {
+                seq: 0,
+                epoch: 0,
+                offset: 0,
+                fua: false,
+                data,
+                crc: None,
+            },
+        )
+        .await
+        .unwrap_err();
+        assert!(matches!(err, WireError::PayloadTooLarge { .. }), "{err}");
+    }
+
+    #[tokio::test]
+    async fn next_is_cancel_safe() {
+        let (mut a, b) = tokio::io::duplex(1024);
+        let mut frame = BytesMut::new();
+        encode(&Message::WriteAck { seq: 5 }, &mut frame);
+        let mut r = FrameReader::new(b);
+        a.write_all(&frame[..10]).await.unwrap();
+        // The first attempt is cancelled while the frame is incomplete.
+        let cancelled = tokio::time::timeout(std::time::Duration::from_millis(20), r.next()).await;
+        assert!(cancelled.is_err());
+        a.write_all(&frame[10..]).await.unwrap();
+        assert_eq!(
+            r.next().await.unwrap().unwrap(),
+            Message::WriteAck { seq: 5 }
+        );
+    }
+}
