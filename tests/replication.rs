@@ -122,7 +122,12 @@ fn image_file(path: &Path, size: u64, parts: &[(u64, &[u8])]) {
 /// `nbdinfo ARGS...`, unchecked.
 fn nbdinfo(args: &[&str]) -> std::process::Output {
     require_tool("nbdinfo");
-    Command::new("nbdinfo").args(args).output().unwrap()
+    // LIBNBD_DEBUG: libnbd prints a server's refusal reason only there.
+    Command::new("nbdinfo")
+        .env("LIBNBD_DEBUG", "1")
+        .args(args)
+        .output()
+        .unwrap()
 }
 
 /// `nbdsh -u URI -c SCRIPT`, which must succeed; its stdout.
@@ -492,8 +497,20 @@ fn role_rules_one_primary_secondary_refuses_export_no_demotion_in_use() {
     assert_eq!(pair.query(Beta, "role"), "Secondary/Primary");
     assert_eq!(pair.query(Alpha, "role"), "Primary/Secondary");
 
-    // The Secondary accepts the connection but refuses the export.
-    let o = nbdinfo(&["--size", &pair.nbd_uri(Beta)]);
+    // The Secondary accepts the connection but refuses the export with
+    // NBD_REP_ERR_POLICY; libnbd prints the server's reason text only in
+    // its debug output, which is where an operator would look.
+    require_tool("nbdinfo");
+    let o = Command::new("nbdinfo")
+        .env("LIBNBD_DEBUG", "1")
+        .args(["--size", &pair.nbd_uri(Beta)])
+        .output()
+        .unwrap();
+    assert!(
+        stderr_of(&o).contains("server policy prevents"),
+        "the Secondary must refuse with NBD_REP_ERR_POLICY: {}",
+        stderr_of(&o)
+    );
     assert!(
         !o.status.success(),
         "nbdinfo against the Secondary succeeded: {}",

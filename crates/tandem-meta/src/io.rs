@@ -50,7 +50,25 @@ impl FileIo {
         })
     }
 
-    /// The open file, for locking.
+    /// Take the advisory lock the daemon holds on its metadata (exclusive)
+    /// and the read-only verbs share, without waiting.
+    pub fn lock(&self, exclusive: bool) -> Result<(), String> {
+        use rustix::fs::{flock, FlockOperation};
+        let op = if exclusive {
+            FlockOperation::NonBlockingLockExclusive
+        } else {
+            FlockOperation::NonBlockingLockShared
+        };
+        flock(&self.file, op).map_err(|e| {
+            if e == rustix::io::Errno::WOULDBLOCK {
+                "metadata is in use (is the resource up? run `tandem down` first)".to_string()
+            } else {
+                format!("cannot lock: {e}")
+            }
+        })
+    }
+
+    /// The open file.
     pub fn file(&self) -> &File {
         &self.file
     }

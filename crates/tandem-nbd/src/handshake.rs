@@ -19,6 +19,9 @@ pub struct Export {
     pub size: u64,
     /// What the device supports.
     pub caps: Capabilities,
+    /// When set, the export exists but is refused with this reason
+    /// (NBD_REP_ERR_POLICY): a replicated device on its Secondary node.
+    pub unavailable: Option<String>,
 }
 
 /// Largest option payload we buffer; longer options are skipped and refused
@@ -64,6 +67,10 @@ pub enum HandshakeError {
     /// An option did not start with IHAVEOPT.
     #[error("bad option magic {0:#018x}")]
     BadOptionMagic(u64),
+    /// The export is refused for now (NBD_OPT_EXPORT_NAME cannot say why
+    /// in the protocol, so the session ends).
+    #[error("export refused: {0}")]
+    Unavailable(String),
     /// NBD_OPT_EXPORT_NAME has no error reply: an unknown name ends the session.
     #[error("client asked for unknown export {0:?} with NBD_OPT_EXPORT_NAME")]
     UnknownExport(String),
@@ -232,6 +239,9 @@ impl Handshake {
                         String::from_utf8_lossy(data).into_owned(),
                     ));
                 }
+                if let Some(why) = &self.export.unavailable {
+                    return Err(HandshakeError::Unavailable(why.clone()));
+                }
                 out.put_u64(self.export.size);
                 out.put_u16(self.transmission_flags());
                 if !self.no_zeroes {
@@ -323,6 +333,10 @@ impl Handshake {
         };
         if !self.name_matches(name) {
             reply_error(out, option, rep::ERR_UNKNOWN, "no such export");
+            return Ok(Progress::NeedMore);
+        }
+        if let Some(why) = &self.export.unavailable {
+            reply_error(out, option, rep::ERR_POLICY, why);
             return Ok(Progress::NeedMore);
         }
         let mut body = Vec::with_capacity(16);
@@ -496,6 +510,7 @@ mod tests {
             name: "disk".into(),
             description: Some("test disk".into()),
             size: 1 << 20,
+            unavailable: None,
             caps: Capabilities {
                 read_only: false,
                 flush: true,

@@ -48,6 +48,18 @@ pub struct ServerConfig {
     /// After shutdown begins, how long a drained connection stays open to
     /// answer late requests with ESHUTDOWN before it is closed.
     pub shutdown_linger: Duration,
+    /// Asked at each handshake: `Some(reason)` refuses the export.
+    pub gate: Option<Gate>,
+}
+
+/// Decides per connection whether the export may be used now.
+#[derive(Clone)]
+pub struct Gate(pub Arc<dyn Fn() -> Option<String> + Send + Sync>);
+
+impl std::fmt::Debug for Gate {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Gate")
+    }
 }
 
 impl Default for ServerConfig {
@@ -61,6 +73,7 @@ impl Default for ServerConfig {
             max_inflight_bytes: 256 * 1024 * 1024,
             handshake_timeout: Duration::from_secs(30),
             shutdown_linger: Duration::from_millis(500),
+            gate: None,
         }
     }
 }
@@ -283,6 +296,7 @@ where
         description: config.description.clone(),
         size: device.size(),
         caps,
+        unavailable: config.gate.as_ref().and_then(|g| (g.0)()),
     };
     let mut out = BytesMut::with_capacity(512);
     let mut input = BytesMut::with_capacity(64 * 1024);

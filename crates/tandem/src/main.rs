@@ -1,8 +1,11 @@
 //! The `tandem` command.
 //!
 //! Exit codes: 0 success; 1 the operation failed (the message says why);
-//! 2 bad command line.
+//! 2 bad command line; 3 the resource is not up on this node; 11 a state
+//! change was refused (the line says why, in DRBD's words where it can).
 
+mod daemon_cmd;
+mod demo;
 mod meta_cmd;
 
 use clap::{Args, Parser, Subcommand};
@@ -66,6 +69,98 @@ enum Verb {
     /// Serve a file or block device over NBD, without replication
     /// (a baseline and a debugging aid).
     Serve(ServeArgs),
+    /// Start the resource's daemon in the background.
+    Up {
+        /// Resource name.
+        resource: String,
+    },
+    /// Run the resource's daemon in the foreground.
+    Run {
+        /// Resource name.
+        resource: String,
+    },
+    /// Stop the resource's daemon.
+    Down {
+        /// Resource name.
+        resource: String,
+        /// Disconnect NBD clients first.
+        #[arg(long)]
+        force: bool,
+    },
+    /// Promote this node to Primary.
+    Primary {
+        /// Resource name.
+        resource: String,
+        /// Promote without UpToDate data.
+        #[arg(long)]
+        force: bool,
+    },
+    /// Demote this node to Secondary.
+    Secondary {
+        /// Resource name.
+        resource: String,
+        /// Disconnect NBD clients first.
+        #[arg(long)]
+        force: bool,
+    },
+    /// Connect to the peer (leave StandAlone).
+    Connect {
+        /// Resource name.
+        resource: String,
+    },
+    /// Drop the link to the peer and stay StandAlone.
+    Disconnect {
+        /// Resource name.
+        resource: String,
+    },
+    /// Start a new data generation; with --clear-bitmap on a fresh
+    /// connected pair, skip the initial sync.
+    NewCurrentUuid {
+        /// Resource name.
+        resource: String,
+        /// Declare both nodes' data identical.
+        #[arg(long)]
+        clear_bitmap: bool,
+    },
+    /// Mark this node's data Outdated.
+    Outdate {
+        /// Resource name.
+        resource: String,
+    },
+    /// Print Local/Peer roles.
+    Role {
+        /// Resource name.
+        resource: String,
+    },
+    /// Print the connection state.
+    Cstate {
+        /// Resource name.
+        resource: String,
+    },
+    /// Print Local/Peer disk states.
+    Dstate {
+        /// Resource name.
+        resource: String,
+    },
+    /// Show the status of one or every resource.
+    Status {
+        /// Resource name (all configured resources when omitted).
+        resource: Option<String>,
+        /// JSON instead of text.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Print one JSON line per state change, after the current state.
+    Events {
+        /// Resource name.
+        resource: String,
+        /// Print the current state and exit.
+        #[arg(long)]
+        now: bool,
+    },
+    /// Two nodes on loopback with temporary disks, the Primary exported
+    /// over NBD, live status until Ctrl-C.
+    Demo(demo::DemoArgs),
 }
 
 #[derive(Args, Debug)]
@@ -103,23 +198,62 @@ fn main() -> ExitCode {
         )
         .init();
     let g = &cli.globals;
-    let result = match cli.verb {
-        Verb::Serve(args) => serve(args),
-        Verb::CreateMd { resource, force } => {
-            meta_target(g, &resource).and_then(|t| meta_cmd::create_md(&t, force).map(say))
-        }
-        Verb::DumpMd { resource, json } => {
-            meta_target(g, &resource).and_then(|t| meta_cmd::dump_md(&t, json).map(say))
-        }
-        Verb::WipeMd { resource } => {
-            meta_target(g, &resource).and_then(|t| meta_cmd::wipe_md(&t).map(say))
-        }
+    let paths =
+        || tandem_config::Paths::resolve(g.config_dir.clone(), g.node.clone(), g.run_dir.clone());
+    let simple = |resource: &str, verb: &str, force: bool| {
+        daemon_cmd::simple(
+            &paths(),
+            resource,
+            tandem_engine::control::Request {
+                verb: verb.into(),
+                force,
+                ..Default::default()
+            },
+        )
+    };
+    let result: Result<(), daemon_cmd::Failure> = match cli.verb {
+        Verb::Serve(args) => serve(args).map_err(Into::into),
+        Verb::CreateMd { resource, force } => meta_target(g, &resource)
+            .and_then(|t| meta_cmd::create_md(&t, force).map(say))
+            .map_err(Into::into),
+        Verb::DumpMd { resource, json } => meta_target(g, &resource)
+            .and_then(|t| meta_cmd::dump_md(&t, json).map(say))
+            .map_err(Into::into),
+        Verb::WipeMd { resource } => meta_target(g, &resource)
+            .and_then(|t| meta_cmd::wipe_md(&t).map(say))
+            .map_err(Into::into),
+        Verb::Up { resource } => daemon_cmd::up(&paths(), &resource),
+        Verb::Run { resource } => daemon_cmd::run(&paths(), &resource),
+        Verb::Down { resource, force } => daemon_cmd::down(&paths(), &resource, force),
+        Verb::Primary { resource, force } => simple(&resource, "primary", force),
+        Verb::Secondary { resource, force } => simple(&resource, "secondary", force),
+        Verb::Connect { resource } => simple(&resource, "connect", false),
+        Verb::Disconnect { resource } => simple(&resource, "disconnect", false),
+        Verb::Outdate { resource } => simple(&resource, "outdate", false),
+        Verb::Role { resource } => simple(&resource, "role", false),
+        Verb::Cstate { resource } => simple(&resource, "cstate", false),
+        Verb::Dstate { resource } => simple(&resource, "dstate", false),
+        Verb::NewCurrentUuid {
+            resource,
+            clear_bitmap,
+        } => daemon_cmd::simple(
+            &paths(),
+            &resource,
+            tandem_engine::control::Request {
+                verb: "new-current-uuid".into(),
+                clear_bitmap,
+                ..Default::default()
+            },
+        ),
+        Verb::Status { resource, json } => daemon_cmd::status(&paths(), resource.as_deref(), json),
+        Verb::Events { resource, now } => daemon_cmd::events(&paths(), &resource, now),
+        Verb::Demo(args) => demo::run(args).map_err(Into::into),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
-        Err(msg) => {
-            eprintln!("tandem: {msg}");
-            ExitCode::from(1)
+        Err(f) => {
+            eprintln!("tandem: {}", f.message);
+            ExitCode::from(f.code)
         }
     }
 }

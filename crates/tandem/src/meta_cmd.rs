@@ -30,27 +30,9 @@ impl MetaTarget {
     fn open(&self, read_only: bool) -> Result<FileIo, String> {
         let io = FileIo::open(self.md_path(), read_only)
             .map_err(|e| self.err(format!("cannot open: {e}")))?;
-        lock(&io, !read_only).map_err(|e| self.err(e))?;
+        io.lock(!read_only).map_err(|e| self.err(e))?;
         Ok(io)
     }
-}
-
-/// Advisory lock on the metadata device: the daemon holds it exclusively
-/// while the resource is up, so the verbs cannot change metadata under it.
-fn lock(io: &FileIo, exclusive: bool) -> Result<(), String> {
-    use rustix::fs::{flock, FlockOperation};
-    let op = if exclusive {
-        FlockOperation::NonBlockingLockExclusive
-    } else {
-        FlockOperation::NonBlockingLockShared
-    };
-    flock(io.file(), op).map_err(|e| {
-        if e == rustix::io::Errno::WOULDBLOCK {
-            "metadata is in use (is the resource up? run `tandem down` first)".to_string()
-        } else {
-            format!("cannot lock: {e}")
-        }
-    })
 }
 
 fn random_u64() -> Result<u64, String> {

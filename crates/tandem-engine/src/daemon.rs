@@ -1,0 +1,1394 @@
+//! The resource daemon: one actor task owns the [`Core`], the metadata and
+//! the bookkeeping of payloads; everything else (NBD connections, local
+//! I/O, the peer link, the control socket) talks to it through one bounded
+//! channel.
+//!
+//! Why one actor: the core is a single state machine, and serialising its
+//! inputs is what makes its decisions reproducible in the simulation. The
+//! expensive parts — copying payloads, disk I/O, the network — run outside
+//! it, so the actor only moves small messages.
+
+use crate::control::{self, Request, Response, MAX_LINE};
+use crate::link::{self, LinkEvent, LinkSettings};
+use bytes::Bytes;
+use serde_json::json;
+use std::collections::{HashMap, VecDeque};
+use std::io;
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant, SystemTime};
+use tandem_blockdev::{BlockDevice, Capabilities, Extent, FileDevice, FileOptions, ZeroFlags};
+use tandem_config::{MetaDisk, ResourceConfig};
+use tandem_core::{
+    fmt_gens, Action, Attached, ConnState, Core, DiskState, Event, IoFailure, OpId, Packet,
+    Protocol, ReqId, Role, WriteKind,
+};
+use tandem_meta::{FileIo, Metadata, Placement};
+use tandem_nbd::{Gate, ListenAddr, Listener, ServerConfig, ServerStats};
+use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
+use tokio::net::UnixListener;
+use tokio::sync::{broadcast, mpsc, oneshot, watch};
+use tracing::{error, info, warn};
+
+/// Inputs of the actor. Bounded: NBD connections wait when it is full.
+const INPUT_QUEUE: usize = 4096;
+/// Event lines kept for slow `events` readers before they lose some.
+const EVENT_BACKLOG: usize = 1024;
+
+/// What `run` needs.
+#[derive(Clone, Debug)]
+pub struct DaemonOptions {
+    /// The resource.
+    pub cfg: ResourceConfig,
+    /// This node's name.
+    pub node: String,
+    /// Control socket and pid file directory.
+    pub run_dir: PathBuf,
+}
+
+/// A client operation from the NBD frontend.
+enum ClientOp {
+    Write {
+        offset: u64,
+        data: Bytes,
+        fua: bool,
+    },
+    Trim {
+        offset: u64,
+        len: u64,
+        fua: bool,
+    },
+    Zero {
+        offset: u64,
+        len: u64,
+        may_trim: bool,
+        fua: bool,
+    },
+    Flush,
+}
+
+enum Input {
+    Client(ClientOp, oneshot::Sender<io::Result<()>>),
+    Core(Event),
+    Link(LinkEvent),
+    Admin(Request, oneshot::Sender<Response>),
+    Subscribe(oneshot::Sender<(Vec<String>, broadcast::Receiver<String>)>),
+    Tick,
+}
+
+/// Shared with the NBD gate and the control socket without asking the actor.
+#[derive(Default)]
+struct Shared {
+    primary: AtomicBool,
+    stopping: AtomicBool,
+}
+
+/// The replicated device the NBD server serves.
+struct Replicated {
+    size: u64,
+    local: Arc<FileDevice>,
+    tx: mpsc::Sender<Input>,
+}
+
+impl Replicated {
+    async fn submit(&self, op: ClientOp) -> io::Result<()> {
+        let (tx, rx) = oneshot::channel();
+        self.tx
+            .send(Input::Client(op, tx))
+            .await
+            .map_err(|_| io::Error::new(io::ErrorKind::Other, "resource is shutting down"))?;
+        rx.await
+            .map_err(|_| io::Error::new(io::ErrorKind::Other, "resource is shutting down"))?
+    }
+}
+
+impl BlockDevice for Replicated {
+    fn size(&self) -> u64 {
+        self.size
+    }
+    fn capabilities(&self) -> Capabilities {
+        let mut c = self.local.capabilities();
+        // Zeroing must happen identically on both nodes; "fast only" would
+        // need the peer's answer before ours.
+        c.fast_zero = false;
+        c.multi_conn = true;
+        c
+    }
+    async fn read(&self, offset: u64, len: usize) -> io::Result<Bytes> {
+        self.local.read(offset, len).await
+    }
+    async fn write(&self, offset: u64, data: Bytes, fua: bool) -> io::Result<()> {
+        self.submit(ClientOp::Write { offset, data, fua }).await
+    }
+    async fn flush(&self) -> io::Result<()> {
+        self.submit(ClientOp::Flush).await
+    }
+    async fn trim(&self, offset: u64, len: u64, fua: bool) -> io::Result<()> {
+        self.submit(ClientOp::Trim { offset, len, fua }).await
+    }
+    async fn write_zeroes(&self, offset: u64, len: u64, flags: ZeroFlags) -> io::Result<()> {
+        if flags.fast_only {
+            return Err(io::Error::from_raw_os_error(libc_enotsup()));
+        }
+        self.submit(ClientOp::Zero {
+            offset,
+            len,
+            may_trim: flags.may_trim,
+            fua: flags.fua,
+        })
+        .await
+    }
+    async fn cache(&self, offset: u64, len: u64) -> io::Result<()> {
+        self.local.cache(offset, len).await
+    }
+    async fn block_status(
+        &self,
+        offset: u64,
+        len: u64,
+        max_extents: usize,
+    ) -> io::Result<Vec<Extent>> {
+        self.local.block_status(offset, len, max_extents).await
+    }
+}
+
+fn libc_enotsup() -> i32 {
+    rustix::io::Errno::NOTSUP.raw_os_error()
+}
+
+/// Run the resource in the foreground until SIGTERM/SIGINT or `down`.
+/// `ready` is called once the control socket accepts commands.
+pub fn run(opts: DaemonOptions, ready: impl FnOnce() + Send + 'static) -> Result<(), String> {
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .thread_name("tandem")
+        .build()
+        .map_err(|e| format!("cannot start the runtime: {e}"))?;
+    runtime.block_on(run_async(opts, ready))
+}
+
+async fn run_async(opts: DaemonOptions, ready: impl FnOnce()) -> Result<(), String> {
+    let cfg = &opts.cfg;
+    let res = cfg.name.clone();
+    let me = cfg.node(&opts.node).map_err(|e| e.to_string())?.clone();
+    let peer = cfg.peer_of(&opts.node).map_err(|e| e.to_string())?.clone();
+    let secret = cfg.net.shared_secret.clone().ok_or_else(|| {
+        format!(
+            "{}: net.shared-secret: missing; the replication link must be authenticated",
+            cfg.file.display()
+        )
+    })?;
+
+    // Metadata first: it says how big the data area is and holds the lock
+    // that keeps a second daemon (and create-md) away.
+    let (md_path, placement) = match &me.meta_disk {
+        MetaDisk::Internal => (me.disk.clone(), Placement::Internal),
+        MetaDisk::External(p) => (p.clone(), Placement::External),
+    };
+    let md_err = |e: String| format!("{res}: {}: {e}", md_path.display());
+    let io = FileIo::open(&md_path, false).map_err(|e| md_err(format!("cannot open: {e}")))?;
+    io.lock(true).map_err(md_err)?;
+    let (md, report) = Metadata::open(io, placement).map_err(|e| {
+        md_err(format!(
+            "{e} (run `tandem create-md {res}` on this node first)"
+        ))
+    })?;
+    if !report.was_clean {
+        warn!(
+            crashed_primary = report.crashed_primary,
+            "metadata was not closed cleanly: the activity log's extents are marked out of sync"
+        );
+    }
+    let size = md.layout().data_size;
+    let local =
+        Arc::new(FileDevice::open(&me.disk, &FileOptions::default()).map_err(|e| e.to_string())?);
+    if local.size() < size {
+        return Err(format!(
+            "{res}: {}: the disk is {} bytes, smaller than the metadata's data size {size}",
+            me.disk.display(),
+            local.size()
+        ));
+    }
+    let protocol = match cfg.protocol {
+        tandem_config::Protocol::A => Protocol::A,
+        tandem_config::Protocol::B => Protocol::B,
+        tandem_config::Protocol::C => Protocol::C,
+    };
+    let seed = u64::from_le_bytes(
+        tandem_wire::new_nonce().map_err(|e| format!("cannot read /dev/urandom: {e}"))?[..8]
+            .try_into()
+            .unwrap_or([7; 8]),
+    );
+    let mut core = Core::new(
+        tandem_core::Config { protocol, size },
+        Attached {
+            gens: md.generations(),
+            flags: md.flags(),
+        },
+        seed,
+    );
+    core.connect();
+    info!(
+        resource = %res, node = %me.name, peer = %peer.name, %protocol, size,
+        generations = %fmt_gens(&md.generations()),
+        disk = %core.disk(),
+        "attached"
+    );
+
+    std::fs::create_dir_all(&opts.run_dir)
+        .map_err(|e| format!("cannot create run dir {}: {e}", opts.run_dir.display()))?;
+    let sock_path = control::socket_path(&opts.run_dir, &res);
+    if sock_path.exists() {
+        if std::os::unix::net::UnixStream::connect(&sock_path).is_ok() {
+            return Err(format!(
+                "{res} is already up on this node ({})",
+                sock_path.display()
+            ));
+        }
+        let _ = std::fs::remove_file(&sock_path);
+    }
+    let ctl = UnixListener::bind(&sock_path)
+        .map_err(|e| format!("cannot listen on {}: {e}", sock_path.display()))?;
+    {
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::set_permissions(&sock_path, std::fs::Permissions::from_mode(0o600))
+            .map_err(|e| format!("cannot chmod {}: {e}", sock_path.display()))?;
+    }
+    let pid_path = control::pid_path(&opts.run_dir, &res);
+    std::fs::write(&pid_path, format!("{}\n", std::process::id()))
+        .map_err(|e| format!("cannot write {}: {e}", pid_path.display()))?;
+
+    let (tx, rx) = mpsc::channel(INPUT_QUEUE);
+    let shared = Arc::new(Shared::default());
+    let nbd_stats = Arc::new(ServerStats::default());
+    let (nbd_kick_tx, nbd_kick_rx) = mpsc::channel::<oneshot::Sender<()>>(4);
+    let (stop_tx, stop_rx) = watch::channel(false);
+
+    // The replication link: listen and connect, as DRBD does.
+    let settings = LinkSettings {
+        resource: res.clone(),
+        me: me.name.clone(),
+        peer: peer.name.clone(),
+        my_address: me.address.clone(),
+        peer_address: peer.address.clone(),
+        secret: secret.into_bytes(),
+        connect_int: cfg.net.connect_int,
+        ping_int: cfg.net.ping_int,
+        ping_timeout: cfg.net.ping_timeout,
+    };
+    let (link_tx, mut link_rx) = mpsc::channel::<LinkEvent>(64);
+    let want_link = Arc::new(AtomicBool::new(true));
+    let linker = tokio::spawn(link::run(
+        settings,
+        link_tx,
+        Arc::clone(&want_link),
+        stop_rx.clone(),
+    ));
+    {
+        let tx = tx.clone();
+        tokio::spawn(async move {
+            while let Some(ev) = link_rx.recv().await {
+                if tx.send(Input::Link(ev)).await.is_err() {
+                    break;
+                }
+            }
+        });
+    }
+
+    // NBD: one server for the life of the daemon; a gate refuses the export
+    // while this node is not Primary.
+    let device = Arc::new(Replicated {
+        size,
+        local: Arc::clone(&local),
+        tx: tx.clone(),
+    });
+    let nbd_addr = ListenAddr::parse(&me.nbd).map_err(|e| format!("node.nbd: {e}"))?;
+    let nbd = tokio::spawn(nbd_supervisor(
+        nbd_addr,
+        Arc::clone(&device),
+        res.clone(),
+        me.name.clone(),
+        Arc::clone(&shared),
+        Arc::clone(&nbd_stats),
+        nbd_kick_rx,
+        stop_rx.clone(),
+    ));
+
+    // Control socket.
+    {
+        let tx = tx.clone();
+        let stats = Arc::clone(&nbd_stats);
+        let kick = nbd_kick_tx.clone();
+        let stop_tx = stop_tx.clone();
+        let stop_rx = stop_rx.clone();
+        tokio::spawn(control_server(ctl, tx, stats, kick, stop_tx, stop_rx));
+    }
+    // Timers for the request timeout and status refresh.
+    {
+        let tx = tx.clone();
+        tokio::spawn(async move {
+            let mut t = tokio::time::interval(Duration::from_millis(100));
+            loop {
+                t.tick().await;
+                if tx.send(Input::Tick).await.is_err() {
+                    break;
+                }
+            }
+        });
+    }
+    // Signals.
+    {
+        let stop_tx = stop_tx.clone();
+        tokio::spawn(async move {
+            use tokio::signal::unix::{signal, SignalKind};
+            let (Ok(mut term), Ok(mut int)) = (
+                signal(SignalKind::terminate()),
+                signal(SignalKind::interrupt()),
+            ) else {
+                return;
+            };
+            tokio::select! {
+                _ = term.recv() => {}
+                _ = int.recv() => {}
+            }
+            info!("signal received: shutting down");
+            let _ = stop_tx.send(true);
+        });
+    }
+
+    let (events_tx, _) = broadcast::channel(EVENT_BACKLOG);
+    let actor = Actor {
+        res: res.clone(),
+        node: me.name.clone(),
+        core,
+        md,
+        local,
+        tx: tx.clone(),
+        internal: VecDeque::new(),
+        next_req: 1,
+        clients: HashMap::new(),
+        peer_payloads: HashMap::new(),
+        link: None,
+        last_rx: Instant::now(),
+        timeout: cfg.net.timeout,
+        shared: Arc::clone(&shared),
+        nbd_stats: Arc::clone(&nbd_stats),
+        events: events_tx,
+        last_state: None,
+        counters_extra: Extra::default(),
+        handlers: cfg.handlers.clone(),
+        peer_name: peer.name.clone(),
+        want_link: Arc::clone(&want_link),
+    };
+    ready();
+    info!("{res} is up on {}", me.name);
+    let result = actor.run(rx, stop_rx.clone()).await;
+    let _ = stop_tx.send(true);
+    let _ = nbd.await;
+    linker.abort();
+    let _ = std::fs::remove_file(&sock_path);
+    let _ = std::fs::remove_file(&pid_path);
+    result
+}
+
+#[allow(clippy::too_many_arguments)]
+async fn nbd_supervisor(
+    addr: ListenAddr,
+    device: Arc<Replicated>,
+    res: String,
+    node: String,
+    shared: Arc<Shared>,
+    stats: Arc<ServerStats>,
+    mut kick: mpsc::Receiver<oneshot::Sender<()>>,
+    mut stop: watch::Receiver<bool>,
+) {
+    loop {
+        let listener = match Listener::bind(&addr).await {
+            Ok(l) => l,
+            Err(e) => {
+                error!("cannot listen for NBD on {addr:?}: {e}; retrying");
+                tokio::time::sleep(Duration::from_secs(1)).await;
+                if *stop.borrow() {
+                    return;
+                }
+                continue;
+            }
+        };
+        info!("NBD frontend listening on {}", listener.local_addr());
+        let gate_shared = Arc::clone(&shared);
+        let (res2, node2) = (res.clone(), node.clone());
+        let config = ServerConfig {
+            export_name: res.clone(),
+            description: Some(format!("tandem resource {res}")),
+            gate: Some(Gate(Arc::new(move || {
+                if gate_shared.stopping.load(Ordering::Relaxed) {
+                    Some(format!("{res2} is shutting down on {node2}"))
+                } else if !gate_shared.primary.load(Ordering::Relaxed) {
+                    Some(format!(
+                        "{res2} is Secondary on {node2}: only the Primary serves NBD clients"
+                    ))
+                } else {
+                    None
+                }
+            }))),
+            ..ServerConfig::default()
+        };
+        let (server_stop_tx, server_stop_rx) = watch::channel(false);
+        let server = tokio::spawn(tandem_nbd::serve(
+            Arc::clone(&device),
+            config,
+            listener,
+            server_stop_rx,
+            Arc::clone(&stats),
+        ));
+        let done: Option<oneshot::Sender<()>> = tokio::select! {
+            k = kick.recv() => k,
+            _ = stop.wait_for(|s| *s) => None,
+        };
+        let _ = server_stop_tx.send(true);
+        let _ = server.await;
+        match done {
+            Some(ack) => {
+                let _ = ack.send(());
+            }
+            None => return,
+        }
+    }
+}
+
+async fn control_server(
+    listener: UnixListener,
+    tx: mpsc::Sender<Input>,
+    stats: Arc<ServerStats>,
+    kick: mpsc::Sender<oneshot::Sender<()>>,
+    stop_tx: watch::Sender<bool>,
+    mut stop: watch::Receiver<bool>,
+) {
+    loop {
+        let conn = tokio::select! {
+            c = listener.accept() => c,
+            _ = stop.wait_for(|s| *s) => return,
+        };
+        let Ok((stream, _)) = conn else { continue };
+        let tx = tx.clone();
+        let stats = Arc::clone(&stats);
+        let kick = kick.clone();
+        let stop_tx = stop_tx.clone();
+        tokio::spawn(async move {
+            let (r, mut w) = stream.into_split();
+            let mut lines = BufReader::new(r.take(MAX_LINE as u64)).lines();
+            let Ok(Some(line)) = lines.next_line().await else {
+                return;
+            };
+            let req: Request = match serde_json::from_str(&line) {
+                Ok(r) => r,
+                Err(e) => {
+                    let _ = reply(&mut w, &Response::refused(format!("bad request: {e}"))).await;
+                    return;
+                }
+            };
+            if req.verb == "events" {
+                let (stx, srx) = oneshot::channel();
+                if tx.send(Input::Subscribe(stx)).await.is_err() {
+                    return;
+                }
+                let Ok((dump, mut rx)) = srx.await else {
+                    return;
+                };
+                for l in dump {
+                    if w.write_all(format!("{l}\n").as_bytes()).await.is_err() {
+                        return;
+                    }
+                }
+                if req.now {
+                    return;
+                }
+                loop {
+                    match rx.recv().await {
+                        Ok(l) => {
+                            if w.write_all(format!("{l}\n").as_bytes()).await.is_err() {
+                                return;
+                            }
+                        }
+                        Err(broadcast::error::RecvError::Lagged(n)) => {
+                            warn!("events reader fell {n} lines behind; some were dropped");
+                        }
+                        Err(_) => return,
+                    }
+                }
+            }
+            let resp = admin(&req, &tx, &stats, &kick, &stop_tx).await;
+            let _ = reply(&mut w, &resp).await;
+        });
+    }
+}
+
+async fn reply(w: &mut tokio::net::unix::OwnedWriteHalf, resp: &Response) -> io::Result<()> {
+    let mut line = serde_json::to_string(resp).unwrap_or_else(|_| "{}".into());
+    line.push('\n');
+    w.write_all(line.as_bytes()).await
+}
+
+async fn ask(tx: &mpsc::Sender<Input>, req: Request) -> Response {
+    let (rtx, rrx) = oneshot::channel();
+    if tx.send(Input::Admin(req, rtx)).await.is_err() {
+        return Response::refused("the resource is shutting down");
+    }
+    rrx.await
+        .unwrap_or_else(|_| Response::refused("the resource is shutting down"))
+}
+
+/// Verbs that involve the NBD frontend are handled here, around the actor.
+async fn admin(
+    req: &Request,
+    tx: &mpsc::Sender<Input>,
+    stats: &ServerStats,
+    kick: &mpsc::Sender<oneshot::Sender<()>>,
+    stop_tx: &watch::Sender<bool>,
+) -> Response {
+    let clients = stats.clients();
+    match req.verb.as_str() {
+        "secondary" | "down" => {
+            if clients > 0 && !req.force {
+                return Response::refused(format!("device is in use by {clients} NBD clients"));
+            }
+            if clients > 0 {
+                // --force: drop the clients (drain, then ESHUTDOWN) first.
+                let (atx, arx) = oneshot::channel();
+                if kick.send(atx).await.is_ok() {
+                    let _ = arx.await;
+                }
+            }
+            if req.verb == "down" {
+                let resp = ask(
+                    tx,
+                    Request {
+                        verb: "prepare-down".into(),
+                        ..Default::default()
+                    },
+                )
+                .await;
+                if !resp.ok {
+                    return resp;
+                }
+                let _ = stop_tx.send(true);
+                return Response::ok("");
+            }
+            ask(tx, req.clone()).await
+        }
+        _ => ask(tx, req.clone()).await,
+    }
+}
+
+/// Counters the driver keeps beside the core's.
+#[derive(Default, Clone, Copy)]
+struct Extra {
+    al_writes: u64,
+    bm_writes: u64,
+    disk_read: u64,
+}
+
+struct LinkHandle {
+    id: u64,
+    tx: mpsc::Sender<tandem_wire::Message>,
+}
+
+struct Actor {
+    res: String,
+    node: String,
+    core: Core,
+    md: Metadata<FileIo>,
+    local: Arc<FileDevice>,
+    tx: mpsc::Sender<Input>,
+    /// Events the actor raises for itself, handled before new input.
+    internal: VecDeque<Event>,
+    next_req: ReqId,
+    clients: HashMap<ReqId, (ClientPayload, oneshot::Sender<io::Result<()>>)>,
+    /// Payloads of received writes, until they are written locally.
+    peer_payloads: HashMap<u64, Bytes>,
+    link: Option<LinkHandle>,
+    last_rx: Instant,
+    timeout: Duration,
+    shared: Arc<Shared>,
+    nbd_stats: Arc<ServerStats>,
+    events: broadcast::Sender<String>,
+    last_state: Option<[String; 5]>,
+    counters_extra: Extra,
+    handlers: std::collections::BTreeMap<String, String>,
+    peer_name: String,
+    want_link: Arc<AtomicBool>,
+}
+
+enum ClientPayload {
+    Data(Bytes),
+    None,
+}
+
+impl Actor {
+    async fn run(
+        mut self,
+        mut rx: mpsc::Receiver<Input>,
+        mut stop: watch::Receiver<bool>,
+    ) -> Result<(), String> {
+        let mut stopping = false;
+        let mut stop_deadline: Option<Instant> = None;
+        self.publish_state();
+        loop {
+            while let Some(ev) = self.internal.pop_front() {
+                self.feed(ev).await;
+            }
+            if stopping {
+                if self.core.is_idle() || stop_deadline.is_some_and(|d| Instant::now() > d) {
+                    break;
+                }
+            }
+            let input = tokio::select! {
+                i = rx.recv() => i,
+                _ = stop.wait_for(|s| *s), if !stopping => {
+                    stopping = true;
+                    self.shared.stopping.store(true, Ordering::Relaxed);
+                    stop_deadline = Some(Instant::now() + Duration::from_secs(20));
+                    info!("stopping: draining requests in flight");
+                    continue;
+                }
+            };
+            let Some(input) = input else { break };
+            match input {
+                Input::Client(op, reply) => self.client(op, reply).await,
+                Input::Core(ev) => self.feed(ev).await,
+                Input::Link(ev) => self.link_event(ev).await,
+                Input::Admin(req, reply) => {
+                    let resp = self.admin(&req).await;
+                    let _ = reply.send(resp);
+                }
+                Input::Subscribe(reply) => {
+                    let _ = reply.send((self.dump_lines(), self.events.subscribe()));
+                }
+                Input::Tick => self.tick().await,
+            }
+        }
+        // Orderly goodbye so the peer logs why, then a clean close.
+        if let Some(l) = self.link.take() {
+            let _ =
+                l.tx.send(tandem_wire::Message::Disconnect {
+                    reason: format!("{} is going down", self.node),
+                })
+                .await;
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        let busy = self.core.requests_in_flight();
+        for (_, (_, reply)) in self.clients.drain() {
+            let _ = reply.send(Err(io::Error::new(
+                io::ErrorKind::Other,
+                "resource went down",
+            )));
+        }
+        if busy > 0 {
+            warn!("{busy} requests were still in flight at shutdown; leaving the metadata unclean so the activity log is replayed");
+            let _ = self.md.flush_bitmap();
+            return Ok(());
+        }
+        self.md
+            .close()
+            .map_err(|e| format!("closing the metadata failed: {e}"))?;
+        info!("{} is down", self.res);
+        Ok(())
+    }
+
+    async fn client(&mut self, op: ClientOp, reply: oneshot::Sender<io::Result<()>>) {
+        let req = self.next_req;
+        self.next_req += 1;
+        let (ev, payload) = match op {
+            ClientOp::Write { offset, data, fua } => (
+                Event::Write {
+                    req,
+                    offset,
+                    len: data.len() as u64,
+                    kind: WriteKind::Data,
+                    fua,
+                },
+                ClientPayload::Data(data),
+            ),
+            ClientOp::Trim { offset, len, fua } => (
+                Event::Write {
+                    req,
+                    offset,
+                    len,
+                    kind: WriteKind::Trim,
+                    fua,
+                },
+                ClientPayload::None,
+            ),
+            ClientOp::Zero {
+                offset,
+                len,
+                may_trim,
+                fua,
+            } => (
+                Event::Write {
+                    req,
+                    offset,
+                    len,
+                    kind: WriteKind::Zero { may_trim },
+                    fua,
+                },
+                ClientPayload::None,
+            ),
+            ClientOp::Flush => (Event::Flush { req }, ClientPayload::None),
+        };
+        if let Event::Write { len: 0, .. } = ev {
+            let _ = reply.send(Ok(()));
+            return;
+        }
+        self.clients.insert(req, (payload, reply));
+        self.feed(ev).await;
+    }
+
+    async fn feed(&mut self, ev: Event) {
+        let mut actions = Vec::new();
+        self.core.handle(ev, &mut actions);
+        self.execute(actions).await;
+    }
+
+    async fn execute(&mut self, actions: Vec<Action>) {
+        for a in actions {
+            self.action(a).await;
+        }
+        self.shared
+            .primary
+            .store(self.core.role() == Role::Primary, Ordering::Relaxed);
+        self.publish_state();
+    }
+
+    async fn action(&mut self, a: Action) {
+        match a {
+            Action::AlBegin { req, range } => {
+                let ok = match self.md.begin_io(range) {
+                    Ok(wrote) => {
+                        if wrote {
+                            self.counters_extra.al_writes += 1;
+                        }
+                        true
+                    }
+                    Err(e) => {
+                        error!("activity log update failed: {e}");
+                        false
+                    }
+                };
+                self.internal.push_back(Event::AlReady { req, ok });
+            }
+            Action::AlEnd { range } => self.md.end_io(range),
+            Action::LocalWrite {
+                op,
+                offset,
+                len,
+                kind,
+                fua,
+            } => {
+                let data = match (op, kind) {
+                    (OpId::Client(req), WriteKind::Data) => match self.clients.get(&req) {
+                        Some((ClientPayload::Data(d), _)) => Some(d.clone()),
+                        _ => None,
+                    },
+                    (OpId::Peer(seq), WriteKind::Data) => self.peer_payloads.remove(&seq),
+                    _ => None,
+                };
+                if kind == WriteKind::Data && data.is_none() {
+                    // The core asked for a write whose payload we do not have:
+                    // fail it rather than write garbage.
+                    error!("no payload for {op:?}; failing it");
+                    self.internal.push_back(Event::LocalDone { op, ok: false });
+                    return;
+                }
+                let dev = Arc::clone(&self.local);
+                let tx = self.tx.clone();
+                tokio::spawn(async move {
+                    let r = match kind {
+                        WriteKind::Data => match data {
+                            Some(d) => dev.write(offset, d, fua).await,
+                            None => Err(io::Error::new(io::ErrorKind::Other, "no payload")),
+                        },
+                        // Trim must leave identical bytes on both nodes, so it
+                        // zeroes (punching a hole where the file system can).
+                        WriteKind::Trim => {
+                            dev.write_zeroes(
+                                offset,
+                                len,
+                                ZeroFlags {
+                                    may_trim: true,
+                                    fast_only: false,
+                                    fua,
+                                },
+                            )
+                            .await
+                        }
+                        WriteKind::Zero { may_trim } => {
+                            dev.write_zeroes(
+                                offset,
+                                len,
+                                ZeroFlags {
+                                    may_trim,
+                                    fast_only: false,
+                                    fua,
+                                },
+                            )
+                            .await
+                        }
+                    };
+                    if let Err(e) = &r {
+                        error!("local write at {offset}+{len} failed: {e}");
+                    }
+                    let _ = tx
+                        .send(Input::Core(Event::LocalDone { op, ok: r.is_ok() }))
+                        .await;
+                });
+            }
+            Action::LocalFlush { op } => {
+                let dev = Arc::clone(&self.local);
+                let tx = self.tx.clone();
+                tokio::spawn(async move {
+                    let r = dev.flush().await;
+                    if let Err(e) = &r {
+                        error!("local flush failed: {e}");
+                    }
+                    let _ = tx
+                        .send(Input::Core(Event::LocalDone { op, ok: r.is_ok() }))
+                        .await;
+                });
+            }
+            Action::Send(p) => self.send(p).await,
+            Action::Complete { req, result } => {
+                if let Some((_, reply)) = self.clients.remove(&req) {
+                    let _ = reply.send(result.map_err(|f| match f {
+                        IoFailure::Io => io::Error::from_raw_os_error(5),
+                        IoFailure::NotPrimary => io::Error::from_raw_os_error(30),
+                    }));
+                }
+            }
+            Action::MarkOutOfSync { range } => {
+                if let Err(e) = self.md.set_out_of_sync(range) {
+                    error!("cannot mark out of sync: {e}");
+                }
+            }
+            Action::ClearBitmap => {
+                let size = self.core.size();
+                if let Err(e) = self.md.set_in_sync(0..size) {
+                    error!("cannot clear the bitmap: {e}");
+                }
+                match self.md.flush_bitmap() {
+                    Ok(n) => self.counters_extra.bm_writes += n as u64,
+                    Err(e) => error!("cannot write the bitmap: {e}"),
+                }
+            }
+            Action::PersistGenerations(g) => {
+                info!("new generations {}", fmt_gens(&g));
+                if let Err(e) = self.md.set_generations(g) {
+                    error!("cannot persist generations: {e}");
+                }
+            }
+            Action::PersistFlags { set, clear } => {
+                if let Err(e) = self.md.change_flags(set, clear) {
+                    error!("cannot persist flags: {e}");
+                }
+            }
+            Action::Disconnect { reason, standalone } => {
+                warn!("disconnecting from {}: {reason}", self.peer_name);
+                if let Some(l) = self.link.take() {
+                    let _ = l.tx.try_send(tandem_wire::Message::Disconnect { reason });
+                }
+                if standalone {
+                    self.want_link.store(false, Ordering::Relaxed);
+                }
+            }
+            Action::SplitBrain { rule } => {
+                error!("split brain detected ({rule})");
+                let line = json!({"type": "split-brain", "resource": self.res, "rule": rule, "time": now_rfc3339()});
+                let _ = self.events.send(line.to_string());
+                self.run_handler("split-brain");
+            }
+            Action::Log(s) => info!("{s}"),
+        }
+    }
+
+    fn run_handler(&self, name: &str) {
+        let Some(cmd) = self.handlers.get(name) else {
+            return;
+        };
+        let cstate = self.core.cstate().to_string();
+        match std::process::Command::new("/bin/sh")
+            .arg("-c")
+            .arg(cmd)
+            .env("TANDEM_RESOURCE", &self.res)
+            .env("TANDEM_NODE", &self.node)
+            .env("TANDEM_PEER", &self.peer_name)
+            .env("TANDEM_CSTATE", &cstate)
+            .env("DRBD_RESOURCE", &self.res)
+            .env("DRBD_PEER", &self.peer_name)
+            .spawn()
+        {
+            Ok(mut child) => {
+                let name = name.to_string();
+                tokio::task::spawn_blocking(move || match child.wait() {
+                    Ok(s) => info!("{name} handler exited with {s}"),
+                    Err(e) => warn!("{name} handler: {e}"),
+                });
+            }
+            Err(e) => warn!("cannot run the {name} handler {cmd:?}: {e}"),
+        }
+    }
+
+    async fn send(&mut self, p: Packet) {
+        let Some(link) = &self.link else { return };
+        use tandem_wire::Message as M;
+        let msg = match p {
+            Packet::State(r) => M::ReportState(wire_report(&r, self.md.bitmap().count() * 4096)),
+            Packet::Data {
+                req,
+                seq,
+                epoch,
+                offset,
+                len,
+                kind,
+                fua,
+            } => match kind {
+                WriteKind::Data => {
+                    let Some((ClientPayload::Data(d), _)) = self.clients.get(&req) else {
+                        error!("no payload for request {req}; dropping the link");
+                        let id = link.id;
+                        self.internal.push_back(Event::LinkDown {
+                            link: id,
+                            cause: ConnState::ProtocolError,
+                        });
+                        return;
+                    };
+                    M::Data {
+                        seq,
+                        epoch,
+                        offset,
+                        fua,
+                        data: d.clone(),
+                        crc: None,
+                    }
+                }
+                WriteKind::Trim => M::Trim {
+                    seq,
+                    epoch,
+                    offset,
+                    len,
+                    zero: false,
+                    may_trim: true,
+                    fua,
+                },
+                WriteKind::Zero { may_trim } => M::Trim {
+                    seq,
+                    epoch,
+                    offset,
+                    len,
+                    zero: true,
+                    may_trim,
+                    fua,
+                },
+            },
+            Packet::RecvAck(seq) => M::RecvAck { seq },
+            Packet::WriteAck(seq) => M::WriteAck { seq },
+            Packet::NegAck(seq) => M::NegAck { seq },
+            Packet::Barrier { epoch, flush } => M::Barrier { epoch, flush },
+            Packet::BarrierAck { epoch, writes } => M::BarrierAck { epoch, writes },
+            Packet::NewCurrentUuid { uuid } => M::NewCurrentUuid { uuid },
+        };
+        // The writer task's queue is bounded; waiting here is the back
+        // pressure protocol A needs when the link is slower than the disk.
+        if link.tx.send(msg).await.is_err() {
+            let id = link.id;
+            self.internal.push_back(Event::LinkDown {
+                link: id,
+                cause: ConnState::BrokenPipe,
+            });
+        }
+    }
+
+    async fn link_event(&mut self, ev: LinkEvent) {
+        match ev {
+            LinkEvent::Up { id, tx } => {
+                if self.link.is_some() || !self.want_link.load(Ordering::Relaxed) {
+                    let _ = tx.try_send(tandem_wire::Message::Disconnect {
+                        reason: "already connected".into(),
+                    });
+                    return;
+                }
+                info!("connected to {}", self.peer_name);
+                self.link = Some(LinkHandle { id, tx });
+                self.last_rx = Instant::now();
+                self.peer_payloads.clear();
+                self.feed(Event::LinkUp { link: id }).await;
+            }
+            LinkEvent::Down { id, cause, reason } => {
+                if self.link.as_ref().is_some_and(|l| l.id == id) {
+                    warn!("link to {} lost: {reason}", self.peer_name);
+                    self.link = None;
+                    self.peer_payloads.clear();
+                    self.feed(Event::LinkDown { link: id, cause }).await;
+                }
+            }
+            LinkEvent::Message { id, msg } => {
+                if !self.link.as_ref().is_some_and(|l| l.id == id) {
+                    return;
+                }
+                self.last_rx = Instant::now();
+                use tandem_wire::Message as M;
+                let packet = match msg {
+                    M::ReportState(r) => Packet::State(core_report(&r)),
+                    M::Data {
+                        seq,
+                        epoch,
+                        offset,
+                        fua,
+                        data,
+                        ..
+                    } => {
+                        let len = data.len() as u64;
+                        self.peer_payloads.insert(seq, data);
+                        Packet::Data {
+                            req: 0,
+                            seq,
+                            epoch,
+                            offset,
+                            len,
+                            kind: WriteKind::Data,
+                            fua,
+                        }
+                    }
+                    M::Trim {
+                        seq,
+                        epoch,
+                        offset,
+                        len,
+                        zero,
+                        may_trim,
+                        fua,
+                    } => Packet::Data {
+                        req: 0,
+                        seq,
+                        epoch,
+                        offset,
+                        len,
+                        kind: if zero {
+                            WriteKind::Zero { may_trim }
+                        } else {
+                            WriteKind::Trim
+                        },
+                        fua,
+                    },
+                    M::RecvAck { seq } => Packet::RecvAck(seq),
+                    M::WriteAck { seq } => Packet::WriteAck(seq),
+                    M::NegAck { seq } => Packet::NegAck(seq),
+                    M::Barrier { epoch, flush } => Packet::Barrier { epoch, flush },
+                    M::BarrierAck { epoch, writes } => Packet::BarrierAck { epoch, writes },
+                    M::NewCurrentUuid { uuid } => Packet::NewCurrentUuid { uuid },
+                    M::Disconnect { reason } => {
+                        warn!("{} closes the link: {reason}", self.peer_name);
+                        self.link = None;
+                        self.feed(Event::LinkDown {
+                            link: id,
+                            cause: ConnState::Unconnected,
+                        })
+                        .await;
+                        return;
+                    }
+                    other => {
+                        warn!(
+                            "unexpected {} frame after the handshake; dropping the link",
+                            other.name()
+                        );
+                        self.link = None;
+                        self.feed(Event::LinkDown {
+                            link: id,
+                            cause: ConnState::ProtocolError,
+                        })
+                        .await;
+                        return;
+                    }
+                };
+                self.feed(Event::Packet { link: id, packet }).await;
+            }
+        }
+    }
+
+    async fn tick(&mut self) {
+        // DRBD's `timeout`: a peer that acknowledges nothing for this long
+        // while writes wait on it is treated as gone.
+        if let Some(l) = &self.link {
+            let waiting = self.core.counters().peer_pending > 0;
+            if waiting && self.last_rx.elapsed() > self.timeout {
+                let id = l.id;
+                warn!(
+                    "{} acknowledged nothing for {:?} with writes pending: dropping the link",
+                    self.peer_name, self.timeout
+                );
+                self.link = None;
+                self.feed(Event::LinkDown {
+                    link: id,
+                    cause: ConnState::Timeout,
+                })
+                .await;
+            }
+        }
+    }
+
+    async fn admin(&mut self, req: &Request) -> Response {
+        let mut out = Vec::new();
+        let resp = match req.verb.as_str() {
+            "role" => Response::ok(format!("{}/{}", self.core.role(), self.core.peer_role())),
+            "cstate" => Response::ok(self.core.cstate().to_string()),
+            "dstate" => Response::ok(format!("{}/{}", self.core.disk(), self.core.peer_disk())),
+            "status" => {
+                if req.json {
+                    Response::ok(json!({"resources": [self.status_json()]}).to_string())
+                } else {
+                    Response::ok(self.status_text())
+                }
+            }
+            "primary" => match self.core.promote(req.force, &mut out) {
+                Ok(()) => Response::ok(""),
+                Err(e) => Response::refused(e.to_string()),
+            },
+            "secondary" => {
+                let clients = self.nbd_stats.clients();
+                match self.core.demote(clients, &mut out) {
+                    Ok(()) => Response::ok(""),
+                    Err(e) => Response::refused(e.to_string()),
+                }
+            }
+            "prepare-down" => {
+                let clients = self.nbd_stats.clients();
+                if clients > 0 {
+                    Response::refused(format!("device is in use by {clients} NBD clients"))
+                } else {
+                    Response::ok("")
+                }
+            }
+            "connect" => {
+                self.want_link.store(true, Ordering::Relaxed);
+                self.core.connect();
+                Response::ok("")
+            }
+            "disconnect" => {
+                self.want_link.store(false, Ordering::Relaxed);
+                self.core.disconnect(&mut out);
+                Response::ok("")
+            }
+            "new-current-uuid" => {
+                if !req.clear_bitmap {
+                    Response::refused(
+                        "new-current-uuid without --clear-bitmap is not supported yet",
+                    )
+                } else {
+                    match self.core.new_current_uuid_clear_bitmap(&mut out) {
+                        Ok(()) => Response::ok(""),
+                        Err(e) => Response::refused(e.to_string()),
+                    }
+                }
+            }
+            "outdate" => match self.core.outdate(&mut out) {
+                Ok(()) => Response::ok(""),
+                Err(e) => Response::refused(e.to_string()),
+            },
+            other => Response::refused(format!("{other}: not supported by this daemon")),
+        };
+        self.execute(out).await;
+        resp
+    }
+
+    fn state_fields(&self) -> [String; 5] {
+        [
+            self.core.role().to_string(),
+            self.core.peer_role().to_string(),
+            self.core.cstate().to_string(),
+            self.core.disk().to_string(),
+            self.core.peer_disk().to_string(),
+        ]
+    }
+
+    fn publish_state(&mut self) {
+        let now = self.state_fields();
+        let Some(before) = self.last_state.replace(now.clone()) else {
+            return;
+        };
+        if before == now {
+            return;
+        }
+        let keys = ["role", "peer-role", "cstate", "disk", "peer-disk"];
+        let mut obj = serde_json::Map::new();
+        obj.insert("type".into(), "change".into());
+        obj.insert("resource".into(), self.res.clone().into());
+        for (i, k) in keys.iter().enumerate() {
+            if before[i] != now[i] {
+                obj.insert((*k).into(), now[i].clone().into());
+            }
+        }
+        obj.insert("time".into(), now_rfc3339().into());
+        info!(
+            "state: role {}/{} cstate {} disk {}/{}",
+            now[0], now[1], now[2], now[3], now[4]
+        );
+        let _ = self.events.send(serde_json::Value::Object(obj).to_string());
+    }
+
+    fn dump_lines(&self) -> Vec<String> {
+        let s = self.state_fields();
+        vec![
+            json!({"type": "exists", "resource": self.res, "role": s[0], "peer-role": s[1],
+                   "cstate": s[2], "disk": s[3], "peer-disk": s[4]})
+            .to_string(),
+            json!({"type": "exists-end"}).to_string(),
+        ]
+    }
+
+    fn status_json(&self) -> serde_json::Value {
+        let c = self.core.counters();
+        let oos = self.md.bitmap().count() * 4096;
+        let kib = |b: u64| b / 1024;
+        json!({
+            "name": self.res,
+            "node": self.node,
+            "role": self.core.role().to_string(),
+            "peer-role": self.core.peer_role().to_string(),
+            "cstate": self.core.cstate().to_string(),
+            "disk": self.core.disk().to_string(),
+            "peer-disk": self.core.peer_disk().to_string(),
+            "protocol": self.core.protocol().to_string(),
+            "out-of-sync-bytes": oos,
+            "sync": serde_json::Value::Null,
+            "nbd-clients": self.nbd_stats.clients(),
+            "current-uuid": format!("{:016X}", self.core.generations().current),
+            "generations": fmt_gens(&self.core.generations()),
+            "size": self.core.size(),
+            "counters": {
+                "ns": kib(c.net_sent), "nr": kib(c.net_received),
+                "dw": kib(c.disk_written), "dr": kib(self.counters_extra.disk_read),
+                "al": self.counters_extra.al_writes, "bm": self.counters_extra.bm_writes,
+                "lo": c.local_pending, "pe": c.peer_pending, "ua": c.unacked,
+                "ap": c.app_pending, "ep": c.epochs, "oos": kib(oos),
+                "resync-bytes-sent": 0, "resync-bytes-received": 0,
+            }
+        })
+    }
+
+    fn status_text(&self) -> String {
+        let c = self.core.counters();
+        let oos = self.md.bitmap().count() * 4096;
+        format!(
+            "{res} role:{role}\n  disk:{disk}\n  {peer} role:{prole}\n    connection:{cs} peer-disk:{pdisk} protocol:{proto}\n    out-of-sync: {oos} KiB\n    ns:{ns} nr:{nr} dw:{dw} dr:{dr} al:{al} bm:{bm} lo:{lo} pe:{pe} ua:{ua} ap:{ap} ep:{ep} oos:{oos}\n    nbd-clients:{clients}",
+            res = self.res,
+            role = self.core.role(),
+            disk = self.core.disk(),
+            peer = self.peer_name,
+            prole = self.core.peer_role(),
+            cs = self.core.cstate(),
+            pdisk = self.core.peer_disk(),
+            proto = self.core.protocol(),
+            oos = oos / 1024,
+            ns = c.net_sent / 1024,
+            nr = c.net_received / 1024,
+            dw = c.disk_written / 1024,
+            dr = self.counters_extra.disk_read / 1024,
+            al = self.counters_extra.al_writes,
+            bm = self.counters_extra.bm_writes,
+            lo = c.local_pending,
+            pe = c.peer_pending,
+            ua = c.unacked,
+            ap = c.app_pending,
+            ep = c.epochs,
+            clients = self.nbd_stats.clients(),
+        )
+    }
+}
+
+fn wire_report(r: &tandem_core::Report, out_of_sync: u64) -> tandem_wire::StateReport {
+    use tandem_wire::{WireDisk, WireProtocol, WireRole};
+    tandem_wire::StateReport {
+        role: if r.role == Role::Primary {
+            WireRole::Primary
+        } else {
+            WireRole::Secondary
+        },
+        disk: match r.disk {
+            DiskState::UpToDate => WireDisk::UpToDate,
+            DiskState::Consistent => WireDisk::Consistent,
+            DiskState::Outdated => WireDisk::Outdated,
+            DiskState::Diskless | DiskState::Failed | DiskState::DUnknown => WireDisk::Diskless,
+            DiskState::Inconsistent | DiskState::Attaching | DiskState::Negotiating => {
+                WireDisk::Inconsistent
+            }
+        },
+        protocol: match r.protocol {
+            Protocol::A => WireProtocol::A,
+            Protocol::B => WireProtocol::B,
+            Protocol::C => WireProtocol::C,
+        },
+        size: r.size,
+        current_uuid: r.gens.current,
+        bitmap_uuid: r.gens.bitmap,
+        history_uuids: r.gens.history,
+        flags: r.flags,
+        out_of_sync,
+        discard_my_data: false,
+    }
+}
+
+fn core_report(r: &tandem_wire::StateReport) -> tandem_core::Report {
+    use tandem_wire::{WireDisk, WireProtocol, WireRole};
+    tandem_core::Report {
+        role: match r.role {
+            WireRole::Primary => Role::Primary,
+            WireRole::Secondary => Role::Secondary,
+        },
+        disk: match r.disk {
+            WireDisk::Diskless => DiskState::Diskless,
+            WireDisk::Inconsistent => DiskState::Inconsistent,
+            WireDisk::Outdated => DiskState::Outdated,
+            WireDisk::Consistent => DiskState::Consistent,
+            WireDisk::UpToDate => DiskState::UpToDate,
+        },
+        protocol: match r.protocol {
+            WireProtocol::A => Protocol::A,
+            WireProtocol::B => Protocol::B,
+            WireProtocol::C => Protocol::C,
+        },
+        size: r.size,
+        gens: tandem_meta::Generations {
+            current: r.current_uuid,
+            bitmap: r.bitmap_uuid,
+            history: r.history_uuids,
+        },
+        flags: r.flags,
+    }
+}
+
+/// UTC time as `2026-01-01T00:00:00.000Z`.
+pub fn now_rfc3339() -> String {
+    let d = SystemTime::now()
+        .duration_since(SystemTime::UNIX_EPOCH)
+        .unwrap_or_default();
+    let secs = d.as_secs();
+    let ms = d.subsec_millis();
+    let days = (secs / 86400) as i64;
+    let rem = secs % 86400;
+    // Civil from days (Howard Hinnant's algorithm).
+    let z = days + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z.rem_euclid(146_097);
+    let yoe = (doe - doe / 1460 + doe / 36524 - doe / 146_096) / 365;
+    let y = yoe + era * 400;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let dd = doy - (153 * mp + 2) / 5 + 1;
+    let m = if mp < 10 { mp + 3 } else { mp - 9 };
+    let y = if m <= 2 { y + 1 } else { y };
+    format!(
+        "{y:04}-{m:02}-{dd:02}T{:02}:{:02}:{:02}.{ms:03}Z",
+        rem / 3600,
+        (rem / 60) % 60,
+        rem % 60
+    )
+}

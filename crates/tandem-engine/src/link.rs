@@ -1,0 +1,317 @@
+//! The replication link: listen and connect (as DRBD does), authenticate,
+//! then one reader and one writer task per link.
+//!
+//! Only one link is up at a time. While one is up the connector pauses and
+//! the listener turns newcomers away. When both nodes connect at the same
+//! moment each may keep a different connection and both close the other;
+//! `keep_outgoing` staggers the first attempts (the node whose name sorts
+//! first connects at once, the other half a connect-int later) so that this
+//! is rare, and the next round settles it.
+
+use bytes::BytesMut;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+use tandem_core::ConnState;
+use tandem_wire::{FrameReader, HandshakeConfig, Message};
+use tokio::io::AsyncWriteExt;
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::{mpsc, watch};
+use tracing::{debug, info, warn};
+
+/// Frames queued for the writer. Bounded: a full queue makes the actor
+/// wait, which is the back pressure a slow link must exert.
+const SEND_QUEUE: usize = 1024;
+/// The writer gathers up to this many bytes of queued frames per syscall.
+const WRITE_BATCH: usize = 1 << 20;
+/// A handshake must finish within this time.
+const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// What the link needs to know.
+#[derive(Clone, Debug)]
+pub struct LinkSettings {
+    /// Resource name.
+    pub resource: String,
+    /// This node.
+    pub me: String,
+    /// The peer.
+    pub peer: String,
+    /// Listen address.
+    pub my_address: String,
+    /// Peer address.
+    pub peer_address: String,
+    /// Shared secret.
+    pub secret: Vec<u8>,
+    /// Retry interval.
+    pub connect_int: Duration,
+    /// Ping interval.
+    pub ping_int: Duration,
+    /// How long a ping may go unanswered.
+    pub ping_timeout: Duration,
+}
+
+/// What the link tells the actor.
+pub enum LinkEvent {
+    /// A link is authenticated; frames for it go to `tx`.
+    Up {
+        /// Link number.
+        id: u64,
+        /// The writer's queue.
+        tx: mpsc::Sender<Message>,
+    },
+    /// The link is gone.
+    Down {
+        /// Link number.
+        id: u64,
+        /// The state name for the cause.
+        cause: ConnState,
+        /// Log line.
+        reason: String,
+    },
+    /// A frame arrived.
+    Message {
+        /// Link number.
+        id: u64,
+        /// The frame.
+        msg: Message,
+    },
+}
+
+struct Shared {
+    s: LinkSettings,
+    events: mpsc::Sender<LinkEvent>,
+    /// A link is up (or being set up past the handshake).
+    active: AtomicBool,
+    /// The operator wants a link (not `disconnect`ed).
+    want: Arc<AtomicBool>,
+    next_id: AtomicU64,
+    last_error: std::sync::Mutex<String>,
+}
+
+impl Shared {
+    /// Log a connection problem once, not every connect-int.
+    fn note(&self, msg: String) {
+        if let Ok(mut last) = self.last_error.lock() {
+            if *last != msg {
+                warn!("{msg}");
+                *last = msg;
+            } else {
+                debug!("{msg}");
+            }
+        }
+    }
+}
+
+/// Run the listener and the connector until `stop`.
+pub async fn run(
+    s: LinkSettings,
+    events: mpsc::Sender<LinkEvent>,
+    want: Arc<AtomicBool>,
+    mut stop: watch::Receiver<bool>,
+) {
+    let shared = Arc::new(Shared {
+        s,
+        events,
+        active: AtomicBool::new(false),
+        want,
+        next_id: AtomicU64::new(1),
+        last_error: std::sync::Mutex::new(String::new()),
+    });
+    let listener = {
+        let sh = Arc::clone(&shared);
+        tokio::spawn(async move { listen(sh).await })
+    };
+    let connector = {
+        let sh = Arc::clone(&shared);
+        tokio::spawn(async move { connect_loop(sh).await })
+    };
+    let _ = stop.wait_for(|s| *s).await;
+    listener.abort();
+    connector.abort();
+}
+
+async fn listen(sh: Arc<Shared>) {
+    let listener = loop {
+        match TcpListener::bind(&sh.s.my_address).await {
+            Ok(l) => break l,
+            Err(e) => {
+                sh.note(format!(
+                    "cannot listen for the peer on {}: {e}; retrying",
+                    sh.s.my_address
+                ));
+                tokio::time::sleep(sh.s.connect_int).await;
+            }
+        }
+    };
+    info!("listening for {} on {}", sh.s.peer, sh.s.my_address);
+    loop {
+        let Ok((stream, from)) = listener.accept().await else {
+            tokio::time::sleep(Duration::from_millis(100)).await;
+            continue;
+        };
+        let sh = Arc::clone(&sh);
+        tokio::spawn(async move {
+            if sh.active.load(Ordering::Relaxed) || !sh.want.load(Ordering::Relaxed) {
+                debug!("turning away a connection from {from}: already connected or StandAlone");
+                return;
+            }
+            establish(sh, stream, format!("from {from}")).await;
+        });
+    }
+}
+
+async fn connect_loop(sh: Arc<Shared>) {
+    if !tandem_wire::keep_outgoing(&sh.s.me, &sh.s.peer) {
+        tokio::time::sleep(sh.s.connect_int / 2).await;
+    }
+    loop {
+        if !sh.active.load(Ordering::Relaxed) && sh.want.load(Ordering::Relaxed) {
+            match tokio::time::timeout(
+                sh.s.connect_int.max(Duration::from_millis(500)),
+                TcpStream::connect(&sh.s.peer_address),
+            )
+            .await
+            {
+                Ok(Ok(stream)) => {
+                    establish(Arc::clone(&sh), stream, format!("to {}", sh.s.peer_address)).await
+                }
+                Ok(Err(e)) => debug!("connecting to {}: {e}", sh.s.peer_address),
+                Err(_) => debug!("connecting to {}: timed out", sh.s.peer_address),
+            }
+        }
+        tokio::time::sleep(sh.s.connect_int).await;
+    }
+}
+
+async fn establish(sh: Arc<Shared>, stream: TcpStream, how: String) {
+    // Replication frames are latency-critical and already batched by us.
+    let _ = stream.set_nodelay(true);
+    let (r, mut w) = stream.into_split();
+    let mut reader = FrameReader::new(r);
+    let cfg = HandshakeConfig {
+        resource: &sh.s.resource,
+        me: &sh.s.me,
+        peer: &sh.s.peer,
+        secret: &sh.s.secret,
+    };
+    match tokio::time::timeout(
+        HANDSHAKE_TIMEOUT,
+        tandem_wire::handshake(&mut reader, &mut w, &cfg),
+    )
+    .await
+    {
+        Ok(Ok(())) => {}
+        Ok(Err(e)) => {
+            sh.note(format!("connection {how}: {e}"));
+            return;
+        }
+        Err(_) => {
+            sh.note(format!("connection {how}: handshake timed out"));
+            return;
+        }
+    }
+    if sh
+        .active
+        .compare_exchange(false, true, Ordering::AcqRel, Ordering::Relaxed)
+        .is_err()
+    {
+        let _ = tandem_wire::write_message(
+            &mut w,
+            &Message::Disconnect {
+                reason: "already connected".into(),
+            },
+        )
+        .await;
+        return;
+    }
+    if let Ok(mut last) = sh.last_error.lock() {
+        last.clear();
+    }
+    let id = sh.next_id.fetch_add(1, Ordering::Relaxed);
+    info!("link {id} to {} authenticated ({how})", sh.s.peer);
+    let (tx, mut rx) = mpsc::channel::<Message>(SEND_QUEUE);
+    if sh
+        .events
+        .send(LinkEvent::Up { id, tx: tx.clone() })
+        .await
+        .is_err()
+    {
+        return;
+    }
+    let writer = tokio::spawn(async move {
+        let mut buf = BytesMut::with_capacity(64 * 1024);
+        while let Some(first) = rx.recv().await {
+            tandem_wire::encode(&first, &mut buf);
+            while buf.len() < WRITE_BATCH {
+                match rx.try_recv() {
+                    Ok(m) => tandem_wire::encode(&m, &mut buf),
+                    Err(_) => break,
+                }
+            }
+            let closing = matches!(first, Message::Disconnect { .. });
+            if let Err(e) = w.write_all(&buf).await {
+                return format!("send failed: {e}");
+            }
+            buf.clear();
+            if closing {
+                let _ = w.shutdown().await;
+                return "closed by this node".into();
+            }
+        }
+        "closed by this node".into()
+    });
+    let (cause, reason) = read_loop(&sh, id, &mut reader, &tx).await;
+    writer.abort();
+    sh.active.store(false, Ordering::Release);
+    let _ = sh.events.send(LinkEvent::Down { id, cause, reason }).await;
+}
+
+async fn read_loop(
+    sh: &Shared,
+    id: u64,
+    reader: &mut FrameReader<tokio::net::tcp::OwnedReadHalf>,
+    tx: &mpsc::Sender<Message>,
+) -> (ConnState, String) {
+    let mut ping = tokio::time::interval(sh.s.ping_int);
+    ping.tick().await;
+    let mut deadline: Option<tokio::time::Instant> = None;
+    loop {
+        let wait_ping = async {
+            match deadline {
+                Some(d) => tokio::time::sleep_until(d).await,
+                None => std::future::pending().await,
+            }
+        };
+        tokio::select! {
+            m = reader.next() => match m {
+                Ok(Some(Message::Ping)) => {
+                    let _ = tx.try_send(Message::PingAck);
+                }
+                Ok(Some(Message::PingAck)) => deadline = None,
+                Ok(Some(msg)) => {
+                    // Any frame proves the peer alive.
+                    deadline = None;
+                    let closing = matches!(msg, Message::Disconnect { .. });
+                    if sh.events.send(LinkEvent::Message { id, msg }).await.is_err() || closing {
+                        return (ConnState::Unconnected, "peer said goodbye".into());
+                    }
+                }
+                Ok(None) => return (ConnState::BrokenPipe, "the peer closed the connection".into()),
+                Err(e) => return (ConnState::ProtocolError, format!("receive failed: {e}")),
+            },
+            _ = ping.tick() => {
+                if deadline.is_none() {
+                    if tx.try_send(Message::Ping).is_ok() {
+                        deadline = Some(tokio::time::Instant::now() + sh.s.ping_timeout);
+                    }
+                }
+            }
+            _ = wait_ping => {
+                return (
+                    ConnState::Timeout,
+                    format!("no ping answer within ping-timeout {:?}", sh.s.ping_timeout),
+                );
+            }
+        }
+    }
+}
