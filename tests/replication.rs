@@ -847,3 +847,73 @@ print("WRITTEN")
         "data acknowledged by alpha (protocol C) read back through beta's export",
     );
 }
+
+/// `tandem demo`, the README's first command: two nodes come up connected
+/// and UpToDate, the Primary's export answers a real client with the
+/// advertised size, and on exit both daemons are gone and the temporary
+/// directory is removed.
+#[test]
+fn demo_serves_the_primary_and_cleans_up() {
+    require_tool("nbdinfo");
+    let mut child = Command::new(common::tandem_bin())
+        .args(["demo", "--size-mib", "64", "--seconds", "4"])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let stdout = child.stdout.take().unwrap();
+    let mut lines = BufReader::new(stdout).lines();
+    let mut dir = None;
+    let mut uri = None;
+    let mut transcript = String::new();
+    let mut statuses = 0;
+    for line in lines.by_ref() {
+        let line = line.unwrap();
+        transcript.push_str(&line);
+        transcript.push('\n');
+        if let Some(rest) = line.strip_prefix("starting two nodes of resource r0 in ") {
+            dir = Some(PathBuf::from(rest.trim()));
+        }
+        if uri.is_none() {
+            if let Some(i) = line.find("nbd://") {
+                let u: String = line[i..].split_whitespace().next().unwrap().to_string();
+                let o = Command::new("nbdinfo")
+                    .args(["--size", &u])
+                    .output()
+                    .unwrap();
+                assert!(
+                    o.status.success(),
+                    "nbdinfo {u}: {}",
+                    String::from_utf8_lossy(&o.stderr)
+                );
+                let size: u64 = String::from_utf8_lossy(&o.stdout).trim().parse().unwrap();
+                assert!(
+                    size > 60 << 20 && size < 64 << 20,
+                    "a 64 MiB disk minus its metadata, got {size}"
+                );
+                uri = Some(u);
+            }
+        }
+        if line.contains("alpha: Primary/Secondary Connected UpToDate/UpToDate")
+            && line.contains("beta: Secondary/Primary Connected UpToDate/UpToDate")
+        {
+            statuses += 1;
+        }
+    }
+    let status = child.wait().unwrap();
+    let mut err = String::new();
+    child
+        .stderr
+        .take()
+        .unwrap()
+        .read_to_string(&mut err)
+        .unwrap();
+    assert!(status.success(), "demo failed: {err}\n{transcript}");
+    assert!(uri.is_some(), "no NBD address printed:\n{transcript}");
+    assert!(
+        statuses >= 1,
+        "no live status line showed the pair in sync:\n{transcript}"
+    );
+    let dir = dir.expect("the demo names its directory");
+    assert!(!dir.exists(), "{} was left behind", dir.display());
+}

@@ -97,9 +97,9 @@ impl Replicated {
         self.tx
             .send(Input::Client(op, tx))
             .await
-            .map_err(|_| io::Error::new(io::ErrorKind::Other, "resource is shutting down"))?;
+            .map_err(|_| io::Error::other("resource is shutting down"))?;
         rx.await
-            .map_err(|_| io::Error::new(io::ErrorKind::Other, "resource is shutting down"))?
+            .map_err(|_| io::Error::other("resource is shutting down"))?
     }
 }
 
@@ -637,10 +637,10 @@ impl Actor {
             while let Some(ev) = self.internal.pop_front() {
                 self.feed(ev).await;
             }
-            if stopping {
-                if self.core.is_idle() || stop_deadline.is_some_and(|d| Instant::now() > d) {
-                    break;
-                }
+            if stopping
+                && (self.core.is_idle() || stop_deadline.is_some_and(|d| Instant::now() > d))
+            {
+                break;
             }
             let input = tokio::select! {
                 i = rx.recv() => i,
@@ -678,10 +678,7 @@ impl Actor {
         }
         let busy = self.core.requests_in_flight();
         for (_, (_, reply)) in self.clients.drain() {
-            let _ = reply.send(Err(io::Error::new(
-                io::ErrorKind::Other,
-                "resource went down",
-            )));
+            let _ = reply.send(Err(io::Error::other("resource went down")));
         }
         if busy > 0 {
             warn!("{busy} requests were still in flight at shutdown; leaving the metadata unclean so the activity log is replayed");
@@ -806,7 +803,7 @@ impl Actor {
                     let r = match kind {
                         WriteKind::Data => match data {
                             Some(d) => dev.write(offset, d, fua).await,
-                            None => Err(io::Error::new(io::ErrorKind::Other, "no payload")),
+                            None => Err(io::Error::other("no payload")),
                         },
                         // Trim must leave identical bytes on both nodes, so it
                         // zeroes (punching a hole where the file system can).

@@ -300,10 +300,8 @@ async fn read_loop(
                 Err(e) => return (ConnState::ProtocolError, format!("receive failed: {e}")),
             },
             _ = ping.tick() => {
-                if deadline.is_none() {
-                    if tx.try_send(Message::Ping).is_ok() {
-                        deadline = Some(tokio::time::Instant::now() + sh.s.ping_timeout);
-                    }
+                if deadline.is_none() && tx.try_send(Message::Ping).is_ok() {
+                    deadline = Some(tokio::time::Instant::now() + sh.s.ping_timeout);
                 }
             }
             _ = wait_ping => {
