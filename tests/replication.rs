@@ -339,6 +339,12 @@ fn writes_reach_the_peer(protocol: &'static str) {
     require_tool("nbdsh");
     let pair = Pair::connected(PairOptions {
         protocol,
+        // Protocol B's run also checksums every replicated write on the link.
+        extra_net: if protocol == "B" {
+            "data-integrity-alg = \"crc32c\""
+        } else {
+            ""
+        },
         ..PairOptions::default()
     });
     let size = pair.data_size();

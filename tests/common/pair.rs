@@ -81,6 +81,8 @@ pub struct PairOptions {
     pub secrets: [Option<&'static str>; 2],
     /// Size of each sparse backing file (data area + internal metadata).
     pub disk_size: u64,
+    /// More `[net]` lines for both nodes.
+    pub extra_net: &'static str,
 }
 
 impl Default for PairOptions {
@@ -89,6 +91,7 @@ impl Default for PairOptions {
             protocol: "C",
             secrets: [Some("tandem-test-secret"); 2],
             disk_size: 300 * MIB,
+            extra_net: "",
         }
     }
 }
@@ -268,6 +271,7 @@ impl Pair {
         };
         let [ra, rb] = self.repl_ports;
         let [na, nb] = self.nbd_ports;
+        let extra = self.opts.extra_net;
         format!(
             r#"protocol = "{protocol}"
 
@@ -276,6 +280,7 @@ impl Pair {
 ping-int = "1s"
 ping-timeout = "500ms"
 timeout = "2s"
+{extra}
 
 [[node]]
 name = "alpha"

@@ -140,6 +140,9 @@ pub struct NetConfig {
     pub after_sb_1pri: AfterSb1Pri,
     /// Split-brain policy with two Primaries.
     pub after_sb_2pri: AfterSb2Pri,
+    /// `data-integrity-alg = "crc32c"`: every replicated write carries a
+    /// checksum the receiver verifies (a mismatch drops the link).
+    pub data_integrity: bool,
 }
 
 /// `[disk]`.
@@ -329,6 +332,7 @@ const NET_KEYS: &[&str] = &[
     "after-sb-0pri",
     "after-sb-1pri",
     "after-sb-2pri",
+    "data-integrity-alg",
 ];
 const DISK_KEYS: &[&str] = &["al-extents", "resync-rate", "on-io-error"];
 const NODE_KEYS: &[&str] = &["name", "address", "disk", "meta-disk", "nbd"];
@@ -402,6 +406,7 @@ impl Default for NetConfig {
             after_sb_0pri: AfterSb0Pri::Disconnect,
             after_sb_1pri: AfterSb1Pri::Disconnect,
             after_sb_2pri: AfterSb2Pri::Disconnect,
+            data_integrity: false,
         }
     }
 }
@@ -464,6 +469,12 @@ fn read_net(s: &mut Section<'_>) -> Result<NetConfig, ConfigError> {
         ping_timeout: duration(s, "ping-timeout", d.ping_timeout)?,
         timeout: duration(s, "timeout", d.timeout)?,
         connect_int: duration(s, "connect-int", d.connect_int)?,
+        data_integrity: choose(
+            s,
+            "data-integrity-alg",
+            &[("none", false), ("crc32c", true)],
+            d.data_integrity,
+        )?,
         after_sb_0pri,
         after_sb_1pri: choose(
             s,

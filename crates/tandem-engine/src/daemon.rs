@@ -379,6 +379,7 @@ async fn run_async(opts: DaemonOptions, ready: impl FnOnce()) -> Result<(), Stri
         handlers: cfg.handlers.clone(),
         peer_name: peer.name.clone(),
         want_link: Arc::clone(&want_link),
+        integrity: cfg.net.data_integrity,
     };
     ready();
     info!("{res} is up on {}", me.name);
@@ -617,6 +618,8 @@ struct Actor {
     handlers: std::collections::BTreeMap<String, String>,
     peer_name: String,
     want_link: Arc<AtomicBool>,
+    /// `data-integrity-alg = "crc32c"`.
+    integrity: bool,
 }
 
 enum ClientPayload {
@@ -964,7 +967,7 @@ impl Actor {
                         offset,
                         fua,
                         data: d.clone(),
-                        crc: None,
+                        crc: self.integrity.then(|| tandem_wire::data_crc(d)),
                     }
                 }
                 WriteKind::Trim => M::Trim {
