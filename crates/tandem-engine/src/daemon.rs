@@ -275,6 +275,7 @@ async fn run_async(opts: DaemonOptions, ready: impl FnOnce()) -> Result<(), Stri
         connect_int: cfg.net.connect_int,
         ping_int: cfg.net.ping_int,
         ping_timeout: cfg.net.ping_timeout,
+        stagger: true,
     };
     let (link_tx, mut link_rx) = mpsc::channel::<LinkEvent>(64);
     let want_link = Arc::new(AtomicBool::new(true));

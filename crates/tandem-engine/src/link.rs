@@ -2,11 +2,14 @@
 //! then one reader and one writer task per link.
 //!
 //! Only one link is up at a time. While one is up the connector pauses and
-//! the listener turns newcomers away. When both nodes connect at the same
-//! moment each may keep a different connection and both close the other;
-//! `keep_outgoing` staggers the first attempts (the node whose name sorts
-//! first connects at once, the other half a connect-int later) so that this
-//! is rare, and the next round settles it.
+//! the listener turns newcomers away. Duplicates are resolved the same way
+//! on both nodes: a connection initiated by the node whose name sorts first
+//! (`keep_outgoing`) is "preferred" at both of its ends and is used at once;
+//! any other waits [`DUPLICATE_GRACE`] after its handshake and is dropped
+//! with `Disconnect{"duplicate connection"}` if a preferred one came up
+//! meanwhile. When both nodes connect at the same moment, both therefore
+//! keep the same connection. The node that sorts second also makes its first
+//! attempt half a connect-int late, so crossings are rare to begin with.
 
 use bytes::BytesMut;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -26,6 +29,8 @@ const SEND_QUEUE: usize = 1024;
 const WRITE_BATCH: usize = 1 << 20;
 /// A handshake must finish within this time.
 const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+/// How long a non-preferred connection waits for a crossing preferred one.
+pub const DUPLICATE_GRACE: Duration = Duration::from_millis(200);
 
 /// What the link needs to know.
 #[derive(Clone, Debug)]
@@ -48,6 +53,9 @@ pub struct LinkSettings {
     pub ping_int: Duration,
     /// How long a ping may go unanswered.
     pub ping_timeout: Duration,
+    /// The node that sorts second makes its first attempt half a
+    /// connect-int late (tests turn this off to force crossings).
+    pub stagger: bool,
 }
 
 /// What the link tells the actor.
@@ -155,13 +163,13 @@ async fn listen(sh: Arc<Shared>) {
                 debug!("turning away a connection from {from}: already connected or StandAlone");
                 return;
             }
-            establish(sh, stream, format!("from {from}")).await;
+            establish(sh, stream, false, format!("from {from}")).await;
         });
     }
 }
 
 async fn connect_loop(sh: Arc<Shared>) {
-    if !tandem_wire::keep_outgoing(&sh.s.me, &sh.s.peer) {
+    if sh.s.stagger && !tandem_wire::keep_outgoing(&sh.s.me, &sh.s.peer) {
         tokio::time::sleep(sh.s.connect_int / 2).await;
     }
     loop {
@@ -173,7 +181,13 @@ async fn connect_loop(sh: Arc<Shared>) {
             .await
             {
                 Ok(Ok(stream)) => {
-                    establish(Arc::clone(&sh), stream, format!("to {}", sh.s.peer_address)).await
+                    establish(
+                        Arc::clone(&sh),
+                        stream,
+                        true,
+                        format!("to {}", sh.s.peer_address),
+                    )
+                    .await
                 }
                 Ok(Err(e)) => debug!("connecting to {}: {e}", sh.s.peer_address),
                 Err(_) => debug!("connecting to {}: timed out", sh.s.peer_address),
@@ -183,7 +197,7 @@ async fn connect_loop(sh: Arc<Shared>) {
     }
 }
 
-async fn establish(sh: Arc<Shared>, stream: TcpStream, how: String) {
+async fn establish(sh: Arc<Shared>, stream: TcpStream, outgoing: bool, how: String) {
     // Replication frames are latency-critical and already batched by us.
     let _ = stream.set_nodelay(true);
     let (r, mut w) = stream.into_split();
@@ -210,15 +224,20 @@ async fn establish(sh: Arc<Shared>, stream: TcpStream, how: String) {
             return;
         }
     }
+    let preferred = outgoing == tandem_wire::keep_outgoing(&sh.s.me, &sh.s.peer);
+    if !preferred {
+        tokio::time::sleep(DUPLICATE_GRACE).await;
+    }
     if sh
         .active
         .compare_exchange(false, true, Ordering::AcqRel, Ordering::Relaxed)
         .is_err()
     {
+        debug!("dropping the duplicate connection {how}");
         let _ = tandem_wire::write_message(
             &mut w,
             &Message::Disconnect {
-                reason: "already connected".into(),
+                reason: "duplicate connection".into(),
             },
         )
         .await;
@@ -310,6 +329,82 @@ async fn read_loop(
                     format!("no ping answer within ping-timeout {:?}", sh.s.ping_timeout),
                 );
             }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn settings(me: &str, peer: &str, mine: u16, theirs: u16) -> LinkSettings {
+        LinkSettings {
+            resource: "r0".into(),
+            me: me.into(),
+            peer: peer.into(),
+            my_address: format!("127.0.0.1:{mine}"),
+            peer_address: format!("127.0.0.1:{theirs}"),
+            secret: b"s".to_vec(),
+            connect_int: Duration::from_millis(30),
+            ping_int: Duration::from_secs(5),
+            ping_timeout: Duration::from_secs(5),
+            stagger: false,
+        }
+    }
+
+    fn free_port() -> u16 {
+        std::net::TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port()
+    }
+
+    /// Both nodes connect at the same moment, again and again: each ends up
+    /// with exactly one link and keeps it (a mismatch would close both).
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn crossing_connections_settle_on_one_link() {
+        for round in 0..4 {
+            let (pa, pb) = (free_port(), free_port());
+            let (stop_tx, stop_rx) = watch::channel(false);
+            let mut rxs = Vec::new();
+            for (me, peer, mine, theirs) in [("alpha", "beta", pa, pb), ("beta", "alpha", pb, pa)] {
+                let (tx, rx) = mpsc::channel(64);
+                rxs.push(rx);
+                tokio::spawn(run(
+                    settings(me, peer, mine, theirs),
+                    tx,
+                    Arc::new(AtomicBool::new(true)),
+                    stop_rx.clone(),
+                ));
+            }
+            let mut ups = [0, 0];
+            let mut downs = [0, 0];
+            let mut keep = Vec::new();
+            let deadline = tokio::time::Instant::now() + Duration::from_millis(800);
+            loop {
+                let (a, b) = rxs.split_at_mut(1);
+                let ev = tokio::select! {
+                    e = a[0].recv() => e.map(|e| (0, e)),
+                    e = b[0].recv() => e.map(|e| (1, e)),
+                    _ = tokio::time::sleep_until(deadline) => None,
+                };
+                let Some((i, ev)) = ev else { break };
+                match ev {
+                    LinkEvent::Up { tx, .. } => {
+                        ups[i] += 1;
+                        keep.push(tx);
+                    }
+                    LinkEvent::Down { reason, .. } => {
+                        downs[i] += 1;
+                        eprintln!("round {round}: node {i} lost a link: {reason}");
+                    }
+                    LinkEvent::Message { .. } => {}
+                }
+            }
+            let _ = stop_tx.send(true);
+            assert_eq!(downs, [0, 0], "round {round}: a kept link was closed");
+            assert_eq!(ups, [1, 1], "round {round}: each node keeps one link");
         }
     }
 }
