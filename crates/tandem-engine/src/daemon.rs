@@ -689,6 +689,15 @@ impl Actor {
             let _ = self.md.flush_bitmap();
             return Ok(());
         }
+        // A clean stop ends the Primary role, as `drbdadm down` demotes.
+        if self.core.role() == Role::Primary {
+            if let Err(e) = self
+                .md
+                .change_flags(0, tandem_meta::superblock::flags::PRIMARY_IND)
+            {
+                warn!("cannot clear the primary flag: {e}");
+            }
+        }
         self.md
             .close()
             .map_err(|e| format!("closing the metadata failed: {e}"))?;
