@@ -53,10 +53,22 @@ pub const MAX_PEER_QUEUE: usize = MAX_TRANSFER_LOG + 1024;
 pub enum OpId {
     /// A client request on the Primary.
     Client(ReqId),
-    /// A write received from the peer, by its sequence number.
-    Peer(u64),
+    /// A write received from the peer: the link it came on and its
+    /// sequence number (numbers restart on every link, and a write from a
+    /// dead link may still be running when the next link is up).
+    Peer {
+        /// Link number.
+        link: u64,
+        /// Sequence number on that link.
+        seq: u64,
+    },
     /// The flush that answers the peer's barrier closing this epoch.
-    PeerBarrier(u64),
+    PeerBarrier {
+        /// Link number.
+        link: u64,
+        /// The epoch.
+        epoch: u64,
+    },
 }
 
 /// What a write does to its range.
@@ -414,12 +426,15 @@ enum Incoming {
 #[derive(Debug, Default)]
 struct Receiver {
     queue: VecDeque<Incoming>,
-    /// Writes submitted locally: seq -> range.
-    inflight: BTreeMap<u64, Range<u64>>,
+    /// Peer writes submitted locally, by (link, seq). Survives a link
+    /// change: a write of the old link still running must keep later
+    /// overlapping writes (the new link's, or the client's after a
+    /// promotion) from landing before it.
+    inflight: BTreeMap<(u64, u64), Range<u64>>,
     /// Writes applied in the epoch being received.
     epoch_writes: u32,
-    /// A barrier flush is running for this epoch.
-    flushing: Option<u64>,
+    /// A barrier flush is running for this (link, epoch).
+    flushing: Option<(u64, u64)>,
     /// The epoch the next frame must belong to: frames arrive in order, so
     /// anything else is a broken or hostile sender.
     epoch: u64,
@@ -771,7 +786,15 @@ impl Core {
                     && r.range()
                         .is_some_and(|o| o.start < range.end && range.start < o.end)
             });
-            if conflict {
+            // After a promotion the old Primary's writes may still be
+            // running or queued here; a newer client write must land after.
+            let overlaps = |o: &Range<u64>| o.start < range.end && range.start < o.end;
+            let peer_conflict = self.rx.inflight.values().any(overlaps)
+                || self.rx.queue.iter().any(|i| match i {
+                    Incoming::Write { offset, len, .. } => overlaps(&(*offset..offset + len)),
+                    Incoming::Barrier { .. } => false,
+                });
+            if conflict || peer_conflict {
                 return;
             }
             self.waiting.pop_front();
@@ -897,6 +920,11 @@ impl Core {
                 r.pending &= !LOCAL;
                 if !ok {
                     r.failed = true;
+                    // The peer may have written what this disk could not:
+                    // the replicas differ there.
+                    if let Some(range) = r.range() {
+                        out.push(Action::MarkOutOfSync { range });
+                    }
                 }
                 if let (true, ReqKind::Write { len, kind, .. }) = (ok, &r.kind) {
                     if *kind == WriteKind::Data {
@@ -906,10 +934,10 @@ impl Core {
                 self.finish(req, out);
                 self.start_waiting(out);
             }
-            OpId::Peer(seq) => {
-                if let Some(range) = self.rx.inflight.remove(&seq) {
+            OpId::Peer { link, seq } => {
+                if let Some(range) = self.rx.inflight.remove(&(link, seq)) {
                     self.counters.disk_written += range.end - range.start;
-                    if self.link.is_some() {
+                    if self.link == Some(link) {
                         out.push(Action::Send(if ok {
                             Packet::WriteAck(seq)
                         } else {
@@ -918,11 +946,12 @@ impl Core {
                     }
                 }
                 self.drain_incoming(out);
+                self.start_waiting(out);
             }
-            OpId::PeerBarrier(epoch) => {
-                if self.rx.flushing == Some(epoch) {
+            OpId::PeerBarrier { link, epoch } => {
+                if self.rx.flushing == Some((link, epoch)) {
                     self.rx.flushing = None;
-                    if self.link.is_some() {
+                    if self.link == Some(link) {
                         // A failed flush is not an ack: the primary's flush
                         // waits until the link drops and marks the epoch.
                         if ok {
@@ -937,9 +966,12 @@ impl Core {
                             });
                         }
                     }
-                    self.rx.epoch_writes = 0;
+                    if self.link == Some(link) {
+                        self.rx.epoch_writes = 0;
+                    }
                     self.drain_incoming(out);
                 }
+                self.start_waiting(out);
             }
         }
     }
@@ -950,6 +982,10 @@ impl Core {
         let Some(r) = self.reqs.get_mut(&req) else {
             return;
         };
+        // A write still waiting to start has nothing pending yet: it is not done.
+        if !r.started {
+            return;
+        }
         if !r.completed && (r.pending & r.completion == 0 || (r.failed && r.pending & LOCAL == 0)) {
             r.completed = true;
             // Invariant 1: a successful replicated write under C completes
@@ -1008,6 +1044,8 @@ impl Core {
         self.next_seq = 1;
         self.rx = Receiver {
             epoch: 1,
+            inflight: std::mem::take(&mut self.rx.inflight),
+            flushing: self.rx.flushing,
             ..Receiver::default()
         };
         self.cstate = ConnState::WFReportParams;
@@ -1207,12 +1245,15 @@ impl Core {
                     if overlap {
                         return;
                     }
+                    let Some(link) = self.link else {
+                        return;
+                    };
                     self.rx.queue.pop_front();
-                    self.rx.inflight.insert(seq, range);
+                    self.rx.inflight.insert((link, seq), range);
                     self.rx.epoch_writes += 1;
                     self.counters.local_pending += 1;
                     out.push(Action::LocalWrite {
-                        op: OpId::Peer(seq),
+                        op: OpId::Peer { link, seq },
                         offset,
                         len,
                         kind,
@@ -1225,12 +1266,15 @@ impl Core {
                     if !self.rx.inflight.is_empty() {
                         return;
                     }
+                    let Some(link) = self.link else {
+                        return;
+                    };
                     self.rx.queue.pop_front();
                     if flush {
-                        self.rx.flushing = Some(epoch);
+                        self.rx.flushing = Some((link, epoch));
                         self.counters.local_pending += 1;
                         out.push(Action::LocalFlush {
-                            op: OpId::PeerBarrier(epoch),
+                            op: OpId::PeerBarrier { link, epoch },
                         });
                         return;
                     }

@@ -171,7 +171,7 @@ fn completion_by_protocol() {
             "{protocol}: completes on the receive ack under B"
         );
         b.feed(Event::LocalDone {
-            op: OpId::Peer(1),
+            op: OpId::Peer { link: 1, seq: 1 },
             ok: true,
         });
         let acks = sends(&b.take());
@@ -268,11 +268,11 @@ fn flush_waits_for_the_peer_under_c() {
     });
     let peer = b.take();
     assert!(peer.contains(&Action::LocalFlush {
-        op: OpId::PeerBarrier(1)
+        op: OpId::PeerBarrier { link: 1, epoch: 1 }
     }));
     assert!(sends(&peer).is_empty(), "no ack before the peer's flush");
     b.feed(Event::LocalDone {
-        op: OpId::PeerBarrier(1),
+        op: OpId::PeerBarrier { link: 1, epoch: 1 },
         ok: true,
     });
     let ack = sends(&b.take());
@@ -322,48 +322,48 @@ fn peer_orders_epochs_and_overlaps() {
         .collect();
     assert_eq!(writes.len(), 1, "the overlapping write waits: {acts:?}");
     b.feed(Event::LocalDone {
-        op: OpId::Peer(1),
+        op: OpId::Peer { link: 1, seq: 1 },
         ok: true,
     });
     let acts = b.take();
     assert!(acts.iter().any(|a| matches!(
         a,
         Action::LocalWrite {
-            op: OpId::Peer(2),
+            op: OpId::Peer { link: 1, seq: 2 },
             ..
         }
     )));
     assert!(!acts.iter().any(|a| matches!(
         a,
         Action::LocalWrite {
-            op: OpId::Peer(3),
+            op: OpId::Peer { link: 1, seq: 3 },
             ..
         }
     )));
     b.feed(Event::LocalDone {
-        op: OpId::Peer(2),
+        op: OpId::Peer { link: 1, seq: 2 },
         ok: true,
     });
     let acts = b.take();
     assert!(acts.contains(&Action::LocalFlush {
-        op: OpId::PeerBarrier(1)
+        op: OpId::PeerBarrier { link: 1, epoch: 1 }
     }));
     assert!(!acts.iter().any(|a| matches!(
         a,
         Action::LocalWrite {
-            op: OpId::Peer(3),
+            op: OpId::Peer { link: 1, seq: 3 },
             ..
         }
     )));
     b.feed(Event::LocalDone {
-        op: OpId::PeerBarrier(1),
+        op: OpId::PeerBarrier { link: 1, epoch: 1 },
         ok: true,
     });
     let acts = b.take();
     assert!(acts.iter().any(|a| matches!(
         a,
         Action::LocalWrite {
-            op: OpId::Peer(3),
+            op: OpId::Peer { link: 1, seq: 3 },
             ..
         }
     )));
@@ -536,4 +536,36 @@ fn stale_link_events_are_ignored() {
         cause: ConnState::NetworkFailure,
     });
     assert_eq!(a.core.cstate(), ConnState::Connected);
+}
+
+/// Found by the simulation (seed 9): a write waiting behind an overlapping
+/// one must not complete when the link drops; it starts once the first is
+/// done locally.
+#[test]
+fn a_waiting_write_survives_link_loss() {
+    let (mut a, _b) = pair(Protocol::A);
+    a.feed(write(1, 0));
+    a.feed(write(2, 0));
+    a.take_after_al();
+    a.feed(Event::LinkDown {
+        link: 1,
+        cause: ConnState::NetworkFailure,
+    });
+    let acts = a.take();
+    assert!(
+        !completed(&acts).iter().any(|(r, _)| *r == 2),
+        "write 2 never ran: {acts:?}"
+    );
+    a.feed(Event::LocalDone {
+        op: OpId::Client(1),
+        ok: true,
+    });
+    let acts = a.take_after_al();
+    assert!(acts.iter().any(|x| matches!(
+        x,
+        Action::LocalWrite {
+            op: OpId::Client(2),
+            ..
+        }
+    )));
 }

@@ -800,7 +800,7 @@ impl Actor {
                         Some((ClientPayload::Data(d), _)) => Some(d.clone()),
                         _ => None,
                     },
-                    (OpId::Peer(seq), WriteKind::Data) => self.peer_payloads.remove(&seq),
+                    (OpId::Peer { seq, .. }, WriteKind::Data) => self.peer_payloads.remove(&seq),
                     _ => None,
                 };
                 if kind == WriteKind::Data && data.is_none() {

@@ -83,18 +83,20 @@
 //! Plus `liveness`: once faults stop, the pair drains, every request is
 //! answered and the link comes back unless a node is StandAlone.
 //!
-//! # Known core bugs and the default schedule
+//! # What it found
 //!
-//! The simulation found three bugs in the core (`tests/core_bugs.rs` has a
-//! reproducer for each, and for three more findings outside the default
-//! schedule). So that the rest of the state space stays checked while they
-//! are open, the default schedule steers around them — the checks are not
-//! relaxed: clients do not overlap their own writes in flight (bug 1),
-//! nodes are promoted only once the peer's writes in their I/O queue are
-//! done (bug 2), and a new link comes up only once no peer write of the old
-//! one is in flight (bug 3). [`Options`] switches each back on
-//! (`overlapping_writes`, `promote_during_peer_io`,
-//! `reconnect_during_peer_io`; `TANDEM_SIM_OPTS=all_bugs=1` for all).
+//! The simulation found three bugs in the core, now fixed, with a
+//! regression seed each in `tests/core_bugs.rs`: link loss completed writes
+//! that had not started; a client write after a promotion could land before
+//! an older write of the former Primary still running here; a new link
+//! forgot the old link's peer writes in flight (ids now carry the link).
+//! Two findings outside the default schedule are open and ignored there:
+//! a Secondary's power loss can lose writes it acknowledged as written
+//! (the transfer log should keep them until the barrier ack, as DRBD does),
+//! and simultaneous promotions briefly make two connected Primaries.
+//! [`Options`] can still turn off the schedule features that found the
+//! fixed bugs (`overlapping_writes`, `promote_during_peer_io`,
+//! `reconnect_during_peer_io`).
 //!
 //! # What is not modelled
 //!

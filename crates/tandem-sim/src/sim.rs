@@ -137,14 +137,14 @@ pub struct Options {
     /// A local operation is slow: it finishes 10 to 160 steps later at the
     /// earliest (per 10,000 operations).
     pub slow_io: u32,
-    /// Clients may submit a write overlapping one of theirs in flight.
-    /// Off by default: it triggers core bug 1 (see `tests/core_bugs.rs`).
+    /// Clients may submit a write overlapping one of theirs in flight
+    /// (found core bug 1, fixed; see `tests/core_bugs.rs`).
     pub overlapping_writes: bool,
     /// A node may be promoted while writes from the peer are still in its
-    /// local I/O queue. Off by default: it triggers core bug 2.
+    /// local I/O queue (found core bug 2, fixed).
     pub promote_during_peer_io: bool,
     /// A new link may come up while writes received on the previous one
-    /// are still in the local I/O queue. Off by default: core bug 3.
+    /// are still in the local I/O queue (found core bug 3, fixed).
     pub reconnect_during_peer_io: bool,
     /// A deliberate driver bug.
     pub sabotage: Option<Sabotage>,
@@ -169,9 +169,9 @@ impl Options {
             racing_promote: 0,
             disk_error: 0,
             slow_io: 300,
-            overlapping_writes: false,
-            promote_during_peer_io: false,
-            reconnect_during_peer_io: false,
+            overlapping_writes: true,
+            promote_during_peer_io: true,
+            reconnect_during_peer_io: true,
             sabotage: None,
             full_trace: false,
         }
@@ -799,9 +799,9 @@ impl Sim {
                         }
                         req
                     }
-                    OpId::Peer(seq) => {
+                    OpId::Peer { link, seq } => {
                         let node = &self.nodes[n];
-                        match node.core_link.and_then(|l| node.rx_payload.get(&(l, seq))) {
+                        match node.rx_payload.get(&(link, seq)) {
                             Some(&v) => v,
                             None => {
                                 return Err(self.fail(
@@ -811,7 +811,7 @@ impl Sim {
                             }
                         }
                     }
-                    OpId::PeerBarrier(_) => {
+                    OpId::PeerBarrier { .. } => {
                         return Err(self.fail(Check::Driver, "a local write with a barrier id"))
                     }
                 };
@@ -934,7 +934,7 @@ impl Sim {
         self.nodes[n]
             .local
             .iter()
-            .any(|o| matches!(o.op, OpId::Peer(_) | OpId::PeerBarrier(_)))
+            .any(|o| matches!(o.op, OpId::Peer { .. } | OpId::PeerBarrier { .. }))
     }
 
     fn link_up(&mut self) -> R {
@@ -1032,7 +1032,7 @@ impl Sim {
                 if self.opts.disk_error > 0 && self.rng.chance(self.opts.disk_error) {
                     ok = false;
                 } else if !(self.opts.sabotage == Some(Sabotage::AckPeerWritesUnapplied)
-                    && matches!(op.op, OpId::Peer(_)))
+                    && matches!(op.op, OpId::Peer { .. }))
                 {
                     self.check_no_older_overwrite(n, &blocks, value)?;
                     let node = &mut self.nodes[n];

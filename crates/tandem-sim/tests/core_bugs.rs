@@ -1,16 +1,16 @@
-//! Reproducers of what the simulation found in `tandem-core`, one seed
-//! each. They are ignored because they fail today; each passes once its bug
-//! is fixed, and then its workaround in `Options::for_seed` (the schedule
-//! steering around the bug) should go too.
+//! What the simulation found in `tandem-core`, one seed each. Bugs 1–3 and
+//! finding 5 are fixed and these are their regression tests (the default
+//! schedule now exercises all of them too); findings 4 and 6 are open and
+//! stay ignored until the core handles them.
 //!
-//! Run one with `cargo test -p tandem-sim --test core_bugs <name> --
+//! Run an open one with `cargo test -p tandem-sim --test core_bugs <name> --
 //! --ignored --nocapture`, or replay its seed with the whole trace:
 //! `TANDEM_SIM_OPTS=<opts> TANDEM_SIM_SEED=<seed> cargo test -p tandem-sim
 //! --test seeds many_seeds -- --nocapture`.
 
 #![allow(clippy::unwrap_used)]
 
-use tandem_sim::{run, run_seeds, Options};
+use tandem_sim::{run, Options};
 
 fn replay(seed: u64, opts: &str) {
     let o = Options::for_seed(seed).with(opts).unwrap();
@@ -31,7 +31,6 @@ fn replay(seed: u64, opts: &str) {
 /// Checker: `completion_by_protocol` ("completed before its local write
 /// finished"). Workaround: clients never overlap their own writes in flight.
 #[test]
-#[ignore = "core bug 1: link loss completes writes that never started"]
 fn bug1_link_loss_completes_writes_that_never_started() {
     replay(9, "overlapping_writes=1");
 }
@@ -51,7 +50,6 @@ fn bug1_link_loss_completes_writes_that_never_started() {
 /// write 343 lands on top of it. Checker: `acknowledged_data_survives`.
 /// Workaround: promote only once the peer's writes are drained.
 #[test]
-#[ignore = "core bug 2: promotion races the peer's writes still in flight"]
 fn bug2_promotion_races_peer_writes_in_flight() {
     replay(28, "promote_during_peer_io=1");
 }
@@ -68,7 +66,6 @@ fn bug2_promotion_races_peer_writes_in_flight() {
 /// Seed 35 (protocol C) shows (a): n1 overwrites the acknowledged write 12
 /// with the older write 4 at step 74 (`acknowledged_data_survives`).
 #[test]
-#[ignore = "core bug 3: a new link forgets the old link's peer writes in flight"]
 fn bug3a_reconnect_reorders_peer_writes() {
     replay(35, "reconnect_during_peer_io=1");
 }
@@ -82,7 +79,6 @@ fn bug3a_reconnect_reorders_peer_writes() {
 /// data; the op ids need the link. Workaround for both: no new link while
 /// the old link's peer writes are in flight.
 #[test]
-#[ignore = "core bug 3: a stale peer write's completion acks a new-link write"]
 fn bug3b_stale_completion_acks_new_write() {
     replay(380, "reconnect_during_peer_io=1");
 }
@@ -98,7 +94,7 @@ fn bug3b_stale_completion_acks_new_write() {
 /// B): n1 loses power at step 115, the disks differ unmarked at the next
 /// comparison (`nothing_forgotten`). Machine crashes are off by default.
 #[test]
-#[ignore = "finding 4: a Secondary's power loss loses acknowledged peer writes unmarked"]
+#[ignore = "open (finding 4): the transfer log drops a write on its write ack; DRBD keeps it until the barrier ack"]
 fn finding4_secondary_power_loss_is_not_tracked() {
     replay(109, "machine_crash=12");
 }
@@ -109,7 +105,6 @@ fn finding4_secondary_power_loss_is_not_tracked() {
 /// disk). Seed 27 (protocol A): disks differ unmarked at the repair at
 /// step 216 (`nothing_forgotten`). Disk errors are off by default.
 #[test]
-#[ignore = "finding 5: a Primary's local write error leaves the nodes diverged unmarked"]
 fn finding5_local_write_error_diverges_unmarked() {
     replay(27, "disk_error=50");
 }
@@ -121,24 +116,7 @@ fn finding5_local_write_error_diverges_unmarked() {
 /// promotion a cluster-wide two-phase state change. Seed 7 (protocol B),
 /// `one_primary` at step 73. Racing promotions are off by default.
 #[test]
-#[ignore = "finding 6: simultaneous promotions make two connected Primaries"]
+#[ignore = "open (finding 6): promotion is not yet a cluster-wide state change"]
 fn finding6_racing_promotions() {
     replay(7, "racing_promote=3000");
-}
-
-/// The full schedule, without any workaround: passes once bugs 1–3 are
-/// fixed (then make it the default).
-#[test]
-#[ignore = "core bugs 1-3"]
-fn many_seeds_without_workarounds() {
-    let (stats, failure) = run_seeds(
-        0..1_000,
-        |seed| Options::for_seed(seed).with("all_bugs=1").unwrap(),
-        2,
-        false,
-    );
-    println!("{stats}");
-    if let Some(f) = failure {
-        panic!("{f}\nwith TANDEM_SIM_OPTS=all_bugs=1");
-    }
 }
