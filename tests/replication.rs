@@ -923,3 +923,39 @@ fn demo_serves_the_primary_and_cleans_up() {
     let dir = dir.expect("the demo names its directory");
     assert!(!dir.exists(), "{} was left behind", dir.display());
 }
+
+/// What mkfs does first: discard and zero the whole device in one request
+/// each. Both succeed, reach the peer, and leave the replicas identical.
+#[test]
+fn whole_device_trim_and_zero_are_replicated() {
+    require_tool("nbdsh");
+    let pair = Pair::connected(PairOptions {
+        disk_size: 600 * MIB,
+        ..PairOptions::default()
+    });
+    let size = pair.data_size();
+    let uri = pair.nbd_uri(Alpha);
+    let script = format!(
+        "import os\nh.pwrite(os.urandom(1 << 20), 0)\nh.pwrite(os.urandom(1 << 20), {})\n\
+         h.trim({size}, 0)\nh.pwrite(b'x' * 4096, 8192)\nh.zero({size}, 0)\n\
+         h.pwrite(b'y' * 4096, 1 << 20)\nh.flush()\nprint('DONE')",
+        size - (1 << 20)
+    );
+    assert!(nbdsh(&uri, &script).contains("DONE"));
+    pair.wait_status(Alpha, "nothing pending", Duration::from_secs(30), |s| {
+        let c = &s["counters"];
+        c["pe"] == 0 && c["ap"] == 0 && s["out-of-sync-bytes"] == 0
+    });
+    pair.ok(Alpha, &["secondary", RES]);
+    pair.down(Alpha);
+    pair.down(Beta);
+    let a = std::fs::read(pair.disk(Alpha)).unwrap();
+    let b = std::fs::read(pair.disk(Beta)).unwrap();
+    let n = size as usize;
+    assert!(
+        a[..n] == b[..n],
+        "replicas differ after whole-device trim/zero"
+    );
+    assert!(a[..n].iter().all(|&x| x == 0 || x == b'y'));
+    assert!(a[(1 << 20)..(1 << 20) + 4096].iter().all(|&x| x == b'y'));
+}

@@ -30,7 +30,7 @@ mod state;
 
 pub use state::{ConnState, DiskState, Protocol, Role};
 
-use std::collections::{BTreeMap, HashMap, VecDeque};
+use std::collections::{BTreeMap, VecDeque};
 use std::ops::Range;
 use tandem_meta::superblock::{flags, UUID_JUST_CREATED};
 use tandem_meta::Generations;
@@ -209,6 +209,9 @@ pub enum Event {
         /// Why, for the state name.
         cause: ConnState,
     },
+    /// Time passes (the engine sends one every 100 ms): an epoch whose
+    /// writes wait for stability is closed with a barrier.
+    Tick,
     /// A frame from the peer.
     Packet {
         /// Link number.
@@ -369,6 +372,12 @@ const RECV_ACK: u8 = 2;
 const WRITE_ACK: u8 = 4;
 const BARRIER_ACK: u8 = 8;
 const AL: u8 = 16;
+/// The peer has the write on stable storage (its epoch's barrier ack).
+const STABLE: u8 = 32;
+
+/// An epoch closes by itself after this many replicated writes, so the
+/// transfer log drains under a write load that never flushes.
+pub const MAX_EPOCH_WRITES: usize = 1024;
 
 #[derive(Clone, Debug)]
 enum ReqKind {
@@ -465,7 +474,12 @@ pub struct Core {
     next_seq: u64,
     rx: Receiver,
     /// Flushes waiting for their barrier ack, by epoch.
-    barrier_waiters: HashMap<u64, Vec<ReqId>>,
+    barrier_waiters: BTreeMap<u64, Vec<ReqId>>,
+    /// Replicated writes whose epoch's barrier ack has not come, by epoch.
+    /// A write ack only says the peer's page cache has it; a power loss of
+    /// the peer could still lose it, so it stays in the transfer log (and
+    /// is marked out of sync if the link drops) until the barrier ack.
+    unstable: BTreeMap<u64, Vec<ReqId>>,
     /// Generations must change before the next write (Primary lost its
     /// peer, or promoted without one).
     rng: u64,
@@ -501,7 +515,8 @@ impl Core {
             epoch: 1,
             next_seq: 1,
             rx: Receiver::default(),
-            barrier_waiters: HashMap::new(),
+            barrier_waiters: BTreeMap::new(),
+            unstable: BTreeMap::new(),
             rng: seed | 1,
             counters: Counters::default(),
         }
@@ -720,6 +735,11 @@ impl Core {
             Event::LocalDone { op, ok } => self.local_done(op, ok, out),
             Event::LinkUp { link } => self.link_up(link, out),
             Event::LinkDown { link, cause } => self.link_lost(link, cause, out),
+            Event::Tick => {
+                if self.cstate.is_connected() && self.unstable.contains_key(&self.epoch) {
+                    self.close_epoch(out);
+                }
+            }
             Event::Packet { link, packet } => {
                 if self.link == Some(link) {
                     self.packet(packet, out);
@@ -841,7 +861,7 @@ impl Core {
             let seq = self.next_seq;
             self.next_seq += 1;
             r.seq = Some(seq);
-            r.pending |= WRITE_ACK;
+            r.pending |= WRITE_ACK | STABLE;
             match protocol {
                 Protocol::A => {}
                 Protocol::B => {
@@ -863,6 +883,11 @@ impl Core {
                 kind,
                 fua,
             }));
+            let members = self.unstable.entry(self.epoch).or_default();
+            members.push(req);
+            if members.len() >= MAX_EPOCH_WRITES {
+                self.close_epoch(out);
+            }
         } else {
             // Invariant 3: the peer will not see this write.
             out.push(Action::MarkOutOfSync {
@@ -891,10 +916,7 @@ impl Core {
             barrier: None,
         };
         if self.cstate.is_connected() && self.role == Role::Primary {
-            let epoch = self.epoch;
-            self.epoch += 1;
-            self.counters.epochs += 1;
-            out.push(Action::Send(Packet::Barrier { epoch, flush: true }));
+            let epoch = self.close_epoch(out);
             // Invariant 4: under C a flush means stable on the peer too.
             if self.cfg.protocol == Protocol::C {
                 r.pending |= BARRIER_ACK;
@@ -908,6 +930,16 @@ impl Core {
         out.push(Action::LocalFlush {
             op: OpId::Client(req),
         });
+    }
+
+    /// Send the barrier that closes the current epoch; its ack says every
+    /// write of it is stable on the peer.
+    fn close_epoch(&mut self, out: &mut Vec<Action>) -> u64 {
+        let epoch = self.epoch;
+        self.epoch += 1;
+        self.counters.epochs += 1;
+        out.push(Action::Send(Packet::Barrier { epoch, flush: true }));
+        epoch
     }
 
     fn local_done(&mut self, op: OpId, ok: bool, out: &mut Vec<Action>) {
@@ -1077,11 +1109,12 @@ impl Core {
                 if let Some(range) = r.range() {
                     out.push(Action::MarkOutOfSync { range });
                 }
-                r.pending &= !(WRITE_ACK | RECV_ACK);
+                r.pending &= !(WRITE_ACK | RECV_ACK | STABLE);
                 r.completion &= !(WRITE_ACK | RECV_ACK);
                 r.seq = None;
             }
         }
+        self.unstable.clear();
         for (_, reqs) in std::mem::take(&mut self.barrier_waiters) {
             for req in reqs {
                 if let Some(r) = self.reqs.get_mut(&req) {
@@ -1183,16 +1216,21 @@ impl Core {
                     self.finish(req, out);
                 }
             }
-            Packet::WriteAck(seq) | Packet::NegAck(seq) => {
-                let neg = matches!(packet, Packet::NegAck(_));
+            Packet::WriteAck(seq) => {
+                if let Some(&req) = self.tl.get(&seq) {
+                    if let Some(r) = self.reqs.get_mut(&req) {
+                        r.pending &= !(WRITE_ACK | RECV_ACK);
+                    }
+                    self.finish(req, out);
+                }
+            }
+            Packet::NegAck(seq) => {
                 if let Some(req) = self.tl.remove(&seq) {
                     if let Some(r) = self.reqs.get_mut(&req) {
-                        if neg {
-                            if let Some(range) = r.range() {
-                                out.push(Action::MarkOutOfSync { range });
-                            }
+                        if let Some(range) = r.range() {
+                            out.push(Action::MarkOutOfSync { range });
                         }
-                        r.pending &= !(WRITE_ACK | RECV_ACK);
+                        r.pending &= !(WRITE_ACK | RECV_ACK | STABLE);
                         r.seq = None;
                     }
                     self.finish(req, out);
@@ -1200,12 +1238,25 @@ impl Core {
                 }
             }
             Packet::BarrierAck { epoch, .. } => {
-                for req in self.barrier_waiters.remove(&epoch).unwrap_or_default() {
+                // Acks come in epoch order; this one covers every epoch up
+                // to it.
+                let later_unstable = self.unstable.split_off(&(epoch + 1));
+                let done = std::mem::replace(&mut self.unstable, later_unstable);
+                let later_waiters = self.barrier_waiters.split_off(&(epoch + 1));
+                let flushes = std::mem::replace(&mut self.barrier_waiters, later_waiters);
+                for req in done.into_values().flatten() {
+                    if let Some(r) = self.reqs.get_mut(&req) {
+                        r.pending &= !STABLE;
+                    }
+                    self.finish(req, out);
+                }
+                for req in flushes.into_values().flatten() {
                     if let Some(r) = self.reqs.get_mut(&req) {
                         r.pending &= !BARRIER_ACK;
                     }
                     self.finish(req, out);
                 }
+                self.start_waiting(out);
             }
             Packet::NewCurrentUuid { uuid } => {
                 if self.gens.current == UUID_JUST_CREATED && self.role == Role::Secondary {

@@ -186,9 +186,66 @@ fn completion_by_protocol() {
             protocol == Protocol::C,
             "{protocol}: completes on the write ack under C"
         );
-        assert!(after_write.contains(&Action::AlEnd { range: 0..4096 }));
+        // A write ack is the peer's page cache; the write stays in the
+        // transfer log (and the activity log) until its epoch is stable.
+        assert!(!after_write
+            .iter()
+            .any(|x| matches!(x, Action::AlEnd { .. })));
+        assert!(!a.core.is_idle());
+        a.feed(Event::Tick);
+        let barrier = sends(&a.take());
+        assert_eq!(
+            barrier,
+            vec![Packet::Barrier {
+                epoch: 1,
+                flush: true
+            }]
+        );
+        b.feed(Event::Packet {
+            link: 1,
+            packet: barrier[0].clone(),
+        });
+        b.take();
+        b.feed(Event::LocalDone {
+            op: OpId::PeerBarrier { link: 1, epoch: 1 },
+            ok: true,
+        });
+        for p in sends(&b.take()) {
+            a.feed(Event::Packet { link: 1, packet: p });
+        }
+        assert!(a.take().contains(&Action::AlEnd { range: 0..4096 }));
         assert!(a.core.is_idle());
     }
+}
+
+/// A write the peer acknowledged but has not made stable is marked out of
+/// sync when the link drops: the peer may have lost power.
+#[test]
+fn write_acked_but_not_stable_is_marked_on_link_loss() {
+    let (mut a, mut b) = pair(Protocol::C);
+    a.feed(write(1, 0));
+    let data = sends(&a.take_after_al());
+    a.feed(Event::LocalDone {
+        op: OpId::Client(1),
+        ok: true,
+    });
+    b.feed(Event::Packet {
+        link: 1,
+        packet: data[0].clone(),
+    });
+    b.feed(Event::LocalDone {
+        op: OpId::Peer { link: 1, seq: 1 },
+        ok: true,
+    });
+    for p in sends(&b.take()) {
+        a.feed(Event::Packet { link: 1, packet: p });
+    }
+    assert_eq!(completed(&a.take()), vec![(1, Ok(()))]);
+    a.feed(Event::LinkDown {
+        link: 1,
+        cause: ConnState::NetworkFailure,
+    });
+    assert!(a.take().contains(&Action::MarkOutOfSync { range: 0..4096 }));
 }
 
 /// Invariant 3: a write the peer never confirmed is out of sync once the

@@ -125,19 +125,25 @@ impl BlockDevice for Replicated {
         self.submit(ClientOp::Flush).await
     }
     async fn trim(&self, offset: u64, len: u64, fua: bool) -> io::Result<()> {
-        self.submit(ClientOp::Trim { offset, len, fua }).await
+        for (offset, len) in chunks(offset, len) {
+            self.submit(ClientOp::Trim { offset, len, fua }).await?;
+        }
+        Ok(())
     }
     async fn write_zeroes(&self, offset: u64, len: u64, flags: ZeroFlags) -> io::Result<()> {
         if flags.fast_only {
             return Err(io::Error::from_raw_os_error(libc_enotsup()));
         }
-        self.submit(ClientOp::Zero {
-            offset,
-            len,
-            may_trim: flags.may_trim,
-            fua: flags.fua,
-        })
-        .await
+        for (offset, len) in chunks(offset, len) {
+            self.submit(ClientOp::Zero {
+                offset,
+                len,
+                may_trim: flags.may_trim,
+                fua: flags.fua,
+            })
+            .await?;
+        }
+        Ok(())
     }
     async fn cache(&self, offset: u64, len: u64) -> io::Result<()> {
         self.local.cache(offset, len).await
@@ -150,6 +156,25 @@ impl BlockDevice for Replicated {
     ) -> io::Result<Vec<Extent>> {
         self.local.block_status(offset, len, max_extents).await
     }
+}
+
+/// Trims and zeroing can name the whole device (mkfs discards it all); one
+/// activity-log transaction covers at most 64 extents of 4 MiB, so they go
+/// through the pipeline in pieces that never span more than 33.
+const MAX_RANGE: u64 = 128 << 20;
+
+fn chunks(offset: u64, len: u64) -> impl Iterator<Item = (u64, u64)> {
+    let end = offset.saturating_add(len);
+    let mut at = offset;
+    std::iter::from_fn(move || {
+        if at >= end {
+            return None;
+        }
+        let n = (end - at).min(MAX_RANGE);
+        let piece = (at, n);
+        at += n;
+        Some(piece)
+    })
 }
 
 fn libc_enotsup() -> i32 {
@@ -381,6 +406,8 @@ async fn run_async(opts: DaemonOptions, ready: impl FnOnce()) -> Result<(), Stri
         peer_name: peer.name.clone(),
         want_link: Arc::clone(&want_link),
         integrity: cfg.net.data_integrity,
+        al_retry: VecDeque::new(),
+        external_md: placement == Placement::External,
     };
     ready();
     info!("{res} is up on {}", me.name);
@@ -621,6 +648,11 @@ struct Actor {
     want_link: Arc<AtomicBool>,
     /// `data-integrity-alg = "crc32c"`.
     integrity: bool,
+    /// Writes waiting for a free activity-log slot, in order. Bounded by the
+    /// requests the core has in flight.
+    al_retry: VecDeque<(ReqId, std::ops::Range<u64>)>,
+    /// Metadata on another device than the data.
+    external_md: bool,
 }
 
 enum ClientPayload {
@@ -773,21 +805,23 @@ impl Actor {
     async fn action(&mut self, a: Action) {
         match a {
             Action::AlBegin { req, range } => {
-                let ok = match self.md.begin_io(range) {
-                    Ok(wrote) => {
-                        if wrote {
-                            self.counters_extra.al_writes += 1;
-                        }
-                        true
-                    }
-                    Err(e) => {
-                        error!("activity log update failed: {e}");
-                        false
-                    }
-                };
-                self.internal.push_back(Event::AlReady { req, ok });
+                if self.al_retry.is_empty() {
+                    self.al_begin(req, range).await;
+                } else {
+                    // Keep AL requests in order behind those already waiting.
+                    self.al_retry.push_back((req, range));
+                }
             }
-            Action::AlEnd { range } => self.md.end_io(range),
+            Action::AlEnd { range } => {
+                self.md.end_io(range);
+                // Slots may have freed up for writes that found them all busy.
+                while let Some((req, range)) = self.al_retry.pop_front() {
+                    if !self.al_begin(req, range.clone()).await {
+                        self.al_retry.push_front((req, range));
+                        break;
+                    }
+                }
+            }
             Action::LocalWrite {
                 op,
                 offset,
@@ -918,6 +952,43 @@ impl Actor {
             }
             Action::Log(s) => info!("{s}"),
         }
+    }
+
+    /// Ask the activity log to cover `range`; false when every slot is
+    /// busy (the request is queued and retried as writes finish).
+    async fn al_begin(&mut self, req: ReqId, range: std::ops::Range<u64>) -> bool {
+        if self.external_md && !range.is_empty() {
+            // A transaction that makes an extent hot may evict a cold one,
+            // after which a crash no longer marks it: writes completed there
+            // must be stable first. With internal metadata the transaction's
+            // own fdatasync of the same file does this.
+            let active = self.md.activity_log().active();
+            let cold = ((range.start >> 22)..=((range.end - 1) >> 22))
+                .any(|e| !active.contains(&(e as u32)));
+            if cold {
+                if let Err(e) = self.local.flush().await {
+                    error!("flushing the disk before an activity-log update failed: {e}");
+                }
+            }
+        }
+        let before = self.md.activity_log().seq();
+        let ok = match self.md.begin_io(range.clone()) {
+            Ok(true) => true,
+            Ok(false) => {
+                self.al_retry.push_back((req, range));
+                // Slots held by writes waiting for the peer's barrier ack
+                // free up sooner if the epoch closes now.
+                self.internal.push_back(Event::Tick);
+                return false;
+            }
+            Err(e) => {
+                error!("activity log update failed: {e}");
+                false
+            }
+        };
+        self.counters_extra.al_writes += self.md.activity_log().seq() - before;
+        self.internal.push_back(Event::AlReady { req, ok });
+        true
     }
 
     fn run_handler(&self, name: &str) {
@@ -1095,6 +1166,8 @@ impl Actor {
                     M::Barrier { epoch, flush } => Packet::Barrier { epoch, flush },
                     M::BarrierAck { epoch, writes } => Packet::BarrierAck { epoch, writes },
                     M::NewCurrentUuid { uuid } => Packet::NewCurrentUuid { uuid },
+                    // Liveness only (last_rx is updated above).
+                    M::Ping | M::PingAck => return,
                     M::Disconnect { reason } => {
                         warn!("{} closes the link: {reason}", self.peer_name);
                         self.link = None;
@@ -1125,6 +1198,7 @@ impl Actor {
     }
 
     async fn tick(&mut self) {
+        self.feed(Event::Tick).await;
         // DRBD's `timeout`: a peer that acknowledges nothing for this long
         // while writes wait on it is treated as gone.
         if let Some(l) = &self.link {

@@ -306,7 +306,12 @@ async fn read_loop(
                 Ok(Some(Message::Ping)) => {
                     let _ = tx.try_send(Message::PingAck);
                 }
-                Ok(Some(Message::PingAck)) => deadline = None,
+                Ok(Some(Message::PingAck)) => {
+                    deadline = None;
+                    // The actor's `timeout` counts from the last sign of
+                    // life; a peer busy flushing still answers pings.
+                    let _ = sh.events.try_send(LinkEvent::Message { id, msg: Message::PingAck });
+                }
                 Ok(Some(msg)) => {
                     // Any frame proves the peer alive.
                     deadline = None;

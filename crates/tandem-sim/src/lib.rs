@@ -90,10 +90,12 @@
 //! that had not started; a client write after a promotion could land before
 //! an older write of the former Primary still running here; a new link
 //! forgot the old link's peer writes in flight (ids now carry the link).
-//! Two findings outside the default schedule are open and ignored there:
-//! a Secondary's power loss can lose writes it acknowledged as written
-//! (the transfer log should keep them until the barrier ack, as DRBD does),
-//! and simultaneous promotions briefly make two connected Primaries.
+//! Outside the default schedule it found that a Secondary's power loss
+//! could lose writes it had acknowledged as written (fixed: the transfer
+//! log keeps a write until its epoch's barrier ack, as DRBD does), that a
+//! Primary's failed local write left the replicas diverged unmarked
+//! (fixed), and that simultaneous promotions briefly make two connected
+//! Primaries (open: promotion is not yet a cluster-wide state change).
 //! [`Options`] can still turn off the schedule features that found the
 //! fixed bugs (`overlapping_writes`, `promote_during_peer_io`,
 //! `reconnect_during_peer_io`).
@@ -105,10 +107,10 @@
 //! wire encoding and authentication, timers, NBD, disk errors on the
 //! metadata device, and reads. Power loss ([`Options::machine_crash`]:
 //! the page cache is lost, each unstable block independently survives or
-//! not; invariant 7 is checked only for daemon crashes), local write errors
-//! ([`Options::disk_error`]) and racing promotions
-//! ([`Options::racing_promote`]) are off by default: `tests/core_bugs.rs`
-//! shows what each finds.
+//! not; invariant 7 is checked only for daemon crashes) and local write
+//! errors ([`Options::disk_error`]) are in the default schedule at low
+//! rates; racing promotions ([`Options::racing_promote`]) are off by
+//! default: `tests/core_bugs.rs` shows what they find.
 #![cfg_attr(test, allow(clippy::unwrap_used))]
 #![warn(missing_docs)]
 

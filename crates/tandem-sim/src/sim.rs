@@ -162,12 +162,12 @@ impl Options {
             link_drop: 40,
             link_up: 300,
             daemon_crash: 12,
-            machine_crash: 0,
+            machine_crash: 6,
             switchover: 30,
             rogue_promote: 60,
             repair: 60,
             racing_promote: 0,
-            disk_error: 0,
+            disk_error: 10,
             slow_io: 300,
             overlapping_writes: true,
             promote_during_peer_io: true,
@@ -556,6 +556,7 @@ enum Choice {
     DemoteOne,
     EnsurePrimary,
     Repair,
+    Tick(usize),
     Idle,
 }
 
@@ -1592,6 +1593,7 @@ impl Sim {
                 menu.push((150, Choice::Flush(n)));
             }
             if self.live(n) {
+                menu.push((300, Choice::Tick(n)));
                 menu.push((o.daemon_crash, Choice::Crash(n)));
                 menu.push((o.machine_crash, Choice::MachineCrash(n)));
             }
@@ -1696,6 +1698,10 @@ impl Sim {
                 self.repair_pending = true;
                 Ok(())
             }
+            Choice::Tick(n) => {
+                self.handle(n, Event::Tick)?;
+                self.pump()
+            }
             Choice::Idle => Ok(()),
         }
     }
@@ -1707,6 +1713,9 @@ impl Sim {
         self.quiescing = true;
         self.repair_pending = false;
         self.note(|| "quiescent phase".into());
+        // Ticks close epochs whose writes wait for stability; one round of
+        // them may be needed each time nothing else is left to do.
+        let mut ticked = false;
         for i in 0..200_000 {
             self.step = self.opts.steps + i;
             self.restart_due()?;
@@ -1715,6 +1724,7 @@ impl Sim {
                 continue;
             }
             if let Some(from) = (0..2).find(|&i| !self.fifo[i].is_empty()) {
+                ticked = false;
                 self.deliver(from)?;
                 continue;
             }
@@ -1724,6 +1734,16 @@ impl Sim {
                 continue;
             }
             if let Some(n) = (0..2).find(|&n| !self.nodes[n].al_wait.is_empty()) {
+                // Slots held by writes waiting for stability free up only
+                // after a barrier: close the epochs before asking again.
+                if !ticked {
+                    ticked = true;
+                    for n in 0..2 {
+                        self.handle(n, Event::Tick)?;
+                    }
+                    self.pump()?;
+                    continue;
+                }
                 let idx = self.rng.index(self.nodes[n].al_wait.len());
                 self.answer_al(n, idx)?;
                 continue;
@@ -1737,6 +1757,14 @@ impl Sim {
             } else {
                 !self.can_link_up()
             };
+            if !idle && !ticked {
+                ticked = true;
+                for n in 0..2 {
+                    self.handle(n, Event::Tick)?;
+                }
+                self.pump()?;
+                continue;
+            }
             if idle && settled {
                 for n in 0..2 {
                     if let Some((req, _)) = self.nodes[n].clients.first_key_value() {

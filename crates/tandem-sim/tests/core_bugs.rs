@@ -1,7 +1,7 @@
 //! What the simulation found in `tandem-core`, one seed each. Bugs 1–3 and
-//! finding 5 are fixed and these are their regression tests (the default
-//! schedule now exercises all of them too); findings 4 and 6 are open and
-//! stay ignored until the core handles them.
+//! findings 4 and 5 are fixed and these are their regression tests (the
+//! default schedule exercises bugs 1–3 too); finding 6 is open and stays
+//! ignored until promotion is a cluster-wide state change.
 //!
 //! Run an open one with `cargo test -p tandem-sim --test core_bugs <name> --
 //! --ignored --nocapture`, or replay its seed with the whole trace:
@@ -92,9 +92,9 @@ fn bug3b_stale_completion_acks_new_write() {
 /// DRBD keeps requests in the transfer log until the barrier ack and lets
 /// the Secondary use its activity log for peer writes. Seed 109 (protocol
 /// B): n1 loses power at step 115, the disks differ unmarked at the next
-/// comparison (`nothing_forgotten`). Machine crashes are off by default.
+/// comparison (`nothing_forgotten`). Fixed: the transfer log keeps
+/// writes until the barrier ack.
 #[test]
-#[ignore = "open (finding 4): the transfer log drops a write on its write ack; DRBD keeps it until the barrier ack"]
 fn finding4_secondary_power_loss_is_not_tracked() {
     replay(109, "machine_crash=12");
 }
@@ -103,7 +103,8 @@ fn finding4_secondary_power_loss_is_not_tracked() {
 /// with an error but leaves the peer holding the write, and nothing is
 /// marked out of sync (the core neither marks the range nor fails the
 /// disk). Seed 27 (protocol A): disks differ unmarked at the repair at
-/// step 216 (`nothing_forgotten`). Disk errors are off by default.
+/// step 216 (`nothing_forgotten`). Fixed: the failed range is
+/// marked out of sync.
 #[test]
 fn finding5_local_write_error_diverges_unmarked() {
     replay(27, "disk_error=50");
