@@ -259,23 +259,50 @@ async fn establish(sh: Arc<Shared>, stream: TcpStream, outgoing: bool, how: Stri
     }
     let writer = tokio::spawn(async move {
         let mut buf = BytesMut::with_capacity(64 * 1024);
-        while let Some(first) = rx.recv().await {
-            tandem_wire::encode(&first, &mut buf);
-            while buf.len() < WRITE_BATCH {
-                match rx.try_recv() {
-                    Ok(m) => tandem_wire::encode(&m, &mut buf),
-                    Err(_) => break,
+        // Small frames are gathered into one buffer; a large payload is
+        // written straight from the client's buffer after its header, so
+        // it is not copied once more in user space.
+        let mut next = rx.recv().await;
+        while let Some(first) = next.take() {
+            let mut msg = first;
+            let closing = loop {
+                let closing = matches!(msg, Message::Disconnect { .. });
+                let big = match &msg {
+                    Message::Data { data, .. } if data.len() > 64 * 1024 => Some(data.clone()),
+                    _ => None,
+                };
+                match big {
+                    Some(payload) => {
+                        tandem_wire::encode_head(&msg, &mut buf);
+                        if let Err(e) = w.write_all(&buf).await {
+                            return format!("send failed: {e}");
+                        }
+                        buf.clear();
+                        if let Err(e) = w.write_all(&payload).await {
+                            return format!("send failed: {e}");
+                        }
+                    }
+                    None => tandem_wire::encode(&msg, &mut buf),
                 }
+                if closing || buf.len() >= WRITE_BATCH {
+                    break closing;
+                }
+                match rx.try_recv() {
+                    Ok(m) => msg = m,
+                    Err(_) => break false,
+                }
+            };
+            if !buf.is_empty() {
+                if let Err(e) = w.write_all(&buf).await {
+                    return format!("send failed: {e}");
+                }
+                buf.clear();
             }
-            let closing = matches!(first, Message::Disconnect { .. });
-            if let Err(e) = w.write_all(&buf).await {
-                return format!("send failed: {e}");
-            }
-            buf.clear();
             if closing {
                 let _ = w.shutdown().await;
                 return "closed by this node".into();
             }
+            next = rx.recv().await;
         }
         "closed by this node".into()
     });

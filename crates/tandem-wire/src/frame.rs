@@ -229,7 +229,7 @@ pub fn encode(msg: &Message, out: &mut BytesMut) {
 
 /// Append the header and body of `msg`, except a `Data` payload, which the
 /// caller appends (or writes separately, to avoid copying it).
-pub(crate) fn encode_head(msg: &Message, out: &mut BytesMut) {
+pub fn encode_head(msg: &Message, out: &mut BytesMut) {
     if let Message::Data { data, .. } = msg {
         assert!(
             data.len() <= MAX_DATA,
