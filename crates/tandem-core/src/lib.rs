@@ -442,8 +442,11 @@ struct Receiver {
     inflight: BTreeMap<(u64, u64), Range<u64>>,
     /// Writes applied in the epoch being received.
     epoch_writes: u32,
-    /// A barrier flush is running for this (link, epoch).
+    /// An ordering barrier's flush is running for this (link, epoch):
+    /// nothing of the next epoch starts before it is done.
     flushing: Option<(u64, u64)>,
+    /// Stability barriers' flushes running; later epochs go on meanwhile.
+    stabilizing: std::collections::BTreeSet<(u64, u64)>,
     /// The epoch the next frame must belong to: frames arrive in order, so
     /// anything else is a broken or hostile sender.
     epoch: u64,
@@ -579,6 +582,7 @@ impl Core {
             && self.rx.inflight.is_empty()
             && self.rx.queue.is_empty()
             && self.rx.flushing.is_none()
+            && self.rx.stabilizing.is_empty()
     }
     /// The report this node sends its peer.
     pub fn report(&self) -> Report {
@@ -737,7 +741,7 @@ impl Core {
             Event::LinkDown { link, cause } => self.link_lost(link, cause, out),
             Event::Tick => {
                 if self.cstate.is_connected() && self.unstable.contains_key(&self.epoch) {
-                    self.close_epoch(out);
+                    self.close_epoch(false, out);
                 }
             }
             Event::Packet { link, packet } => {
@@ -886,7 +890,7 @@ impl Core {
             let members = self.unstable.entry(self.epoch).or_default();
             members.push(req);
             if members.len() >= MAX_EPOCH_WRITES {
-                self.close_epoch(out);
+                self.close_epoch(false, out);
             }
         } else {
             // Invariant 3: the peer will not see this write.
@@ -916,7 +920,7 @@ impl Core {
             barrier: None,
         };
         if self.cstate.is_connected() && self.role == Role::Primary {
-            let epoch = self.close_epoch(out);
+            let epoch = self.close_epoch(true, out);
             // Invariant 4: under C a flush means stable on the peer too.
             if self.cfg.protocol == Protocol::C {
                 r.pending |= BARRIER_ACK;
@@ -933,12 +937,18 @@ impl Core {
     }
 
     /// Send the barrier that closes the current epoch; its ack says every
-    /// write of it is stable on the peer.
-    fn close_epoch(&mut self, out: &mut Vec<Action>) -> u64 {
+    /// write of it is stable on the peer. A client's flush orders
+    /// (`ordering`: the peer starts nothing of the next epoch before the
+    /// flush is done); a barrier that only tracks stability lets the peer
+    /// go on writing while it flushes.
+    fn close_epoch(&mut self, ordering: bool, out: &mut Vec<Action>) -> u64 {
         let epoch = self.epoch;
         self.epoch += 1;
         self.counters.epochs += 1;
-        out.push(Action::Send(Packet::Barrier { epoch, flush: true }));
+        out.push(Action::Send(Packet::Barrier {
+            epoch,
+            flush: ordering,
+        }));
         epoch
     }
 
@@ -979,6 +989,21 @@ impl Core {
                 }
                 self.drain_incoming(out);
                 self.start_waiting(out);
+            }
+            OpId::PeerBarrier { link, epoch } if self.rx.stabilizing.remove(&(link, epoch)) => {
+                if self.link == Some(link) {
+                    if ok {
+                        // A later flush also covers earlier epochs, so acks
+                        // may overtake each other: each covers all before it.
+                        out.push(Action::Send(Packet::BarrierAck { epoch, writes: 0 }));
+                    } else {
+                        out.push(Action::Disconnect {
+                            reason: format!("local flush for epoch {epoch} failed"),
+                            standalone: false,
+                        });
+                    }
+                }
+                self.drain_incoming(out);
             }
             OpId::PeerBarrier { link, epoch } => {
                 if self.rx.flushing == Some((link, epoch)) {
@@ -1078,6 +1103,7 @@ impl Core {
             epoch: 1,
             inflight: std::mem::take(&mut self.rx.inflight),
             flushing: self.rx.flushing,
+            stabilizing: std::mem::take(&mut self.rx.stabilizing),
             ..Receiver::default()
         };
         self.cstate = ConnState::WFReportParams;
@@ -1321,19 +1347,16 @@ impl Core {
                         return;
                     };
                     self.rx.queue.pop_front();
+                    self.counters.local_pending += 1;
+                    out.push(Action::LocalFlush {
+                        op: OpId::PeerBarrier { link, epoch },
+                    });
+                    self.rx.epoch_writes = 0;
                     if flush {
                         self.rx.flushing = Some((link, epoch));
-                        self.counters.local_pending += 1;
-                        out.push(Action::LocalFlush {
-                            op: OpId::PeerBarrier { link, epoch },
-                        });
                         return;
                     }
-                    out.push(Action::Send(Packet::BarrierAck {
-                        epoch,
-                        writes: self.rx.epoch_writes,
-                    }));
-                    self.rx.epoch_writes = 0;
+                    self.rx.stabilizing.insert((link, epoch));
                 }
             }
         }

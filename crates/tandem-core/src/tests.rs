@@ -198,7 +198,7 @@ fn completion_by_protocol() {
             barrier,
             vec![Packet::Barrier {
                 epoch: 1,
-                flush: true
+                flush: false
             }]
         );
         b.feed(Event::Packet {
