@@ -7,4 +7,4 @@ pub mod control;
 mod daemon;
 mod link;
 
-pub use daemon::{now_rfc3339, run, DaemonOptions};
+pub use daemon::{keep_payload_buffers, now_rfc3339, run, DaemonOptions};

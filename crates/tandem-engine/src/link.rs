@@ -85,9 +85,9 @@ pub enum LinkEvent {
     },
 }
 
-struct Shared {
+struct Shared<T> {
     s: LinkSettings,
-    events: mpsc::Sender<LinkEvent>,
+    events: mpsc::Sender<T>,
     /// A link is up (or being set up past the handshake).
     active: AtomicBool,
     /// The operator wants a link (not `disconnect`ed).
@@ -96,7 +96,7 @@ struct Shared {
     last_error: std::sync::Mutex<String>,
 }
 
-impl Shared {
+impl<T> Shared<T> {
     /// Log a connection problem once, not every connect-int.
     fn note(&self, msg: String) {
         if let Ok(mut last) = self.last_error.lock() {
@@ -111,9 +111,11 @@ impl Shared {
 }
 
 /// Run the listener and the connector until `stop`.
-pub async fn run(
+/// Events go to `events` as `T` (the daemon's input type, so no task sits
+/// in between).
+pub async fn run<T: From<LinkEvent> + Send + 'static>(
     s: LinkSettings,
-    events: mpsc::Sender<LinkEvent>,
+    events: mpsc::Sender<T>,
     want: Arc<AtomicBool>,
     mut stop: watch::Receiver<bool>,
 ) {
@@ -138,7 +140,7 @@ pub async fn run(
     connector.abort();
 }
 
-async fn listen(sh: Arc<Shared>) {
+async fn listen<T: From<LinkEvent> + Send + 'static>(sh: Arc<Shared<T>>) {
     let listener = loop {
         match TcpListener::bind(&sh.s.my_address).await {
             Ok(l) => break l,
@@ -168,7 +170,7 @@ async fn listen(sh: Arc<Shared>) {
     }
 }
 
-async fn connect_loop(sh: Arc<Shared>) {
+async fn connect_loop<T: From<LinkEvent> + Send + 'static>(sh: Arc<Shared<T>>) {
     if sh.s.stagger && !tandem_wire::keep_outgoing(&sh.s.me, &sh.s.peer) {
         tokio::time::sleep(sh.s.connect_int / 2).await;
     }
@@ -197,7 +199,12 @@ async fn connect_loop(sh: Arc<Shared>) {
     }
 }
 
-async fn establish(sh: Arc<Shared>, stream: TcpStream, outgoing: bool, how: String) {
+async fn establish<T: From<LinkEvent> + Send + 'static>(
+    sh: Arc<Shared<T>>,
+    stream: TcpStream,
+    outgoing: bool,
+    how: String,
+) {
     // Replication frames are latency-critical and already batched by us.
     let _ = stream.set_nodelay(true);
     let (r, mut w) = stream.into_split();
@@ -251,7 +258,7 @@ async fn establish(sh: Arc<Shared>, stream: TcpStream, outgoing: bool, how: Stri
     let (tx, mut rx) = mpsc::channel::<Message>(SEND_QUEUE);
     if sh
         .events
-        .send(LinkEvent::Up { id, tx: tx.clone() })
+        .send(T::from(LinkEvent::Up { id, tx: tx.clone() }))
         .await
         .is_err()
     {
@@ -309,11 +316,14 @@ async fn establish(sh: Arc<Shared>, stream: TcpStream, outgoing: bool, how: Stri
     let (cause, reason) = read_loop(&sh, id, &mut reader, &tx).await;
     writer.abort();
     sh.active.store(false, Ordering::Release);
-    let _ = sh.events.send(LinkEvent::Down { id, cause, reason }).await;
+    let _ = sh
+        .events
+        .send(T::from(LinkEvent::Down { id, cause, reason }))
+        .await;
 }
 
-async fn read_loop(
-    sh: &Shared,
+async fn read_loop<T: From<LinkEvent> + Send + 'static>(
+    sh: &Shared<T>,
     id: u64,
     reader: &mut FrameReader<tokio::net::tcp::OwnedReadHalf>,
     tx: &mpsc::Sender<Message>,
@@ -337,13 +347,13 @@ async fn read_loop(
                     deadline = None;
                     // The actor's `timeout` counts from the last sign of
                     // life; a peer busy flushing still answers pings.
-                    let _ = sh.events.try_send(LinkEvent::Message { id, msg: Message::PingAck });
+                    let _ = sh.events.try_send(T::from(LinkEvent::Message { id, msg: Message::PingAck }));
                 }
                 Ok(Some(msg)) => {
                     // Any frame proves the peer alive.
                     deadline = None;
                     let closing = matches!(msg, Message::Disconnect { .. });
-                    if sh.events.send(LinkEvent::Message { id, msg }).await.is_err() || closing {
+                    if sh.events.send(T::from(LinkEvent::Message { id, msg })).await.is_err() || closing {
                         return (ConnState::Unconnected, "peer said goodbye".into());
                     }
                 }
@@ -401,7 +411,7 @@ mod tests {
             let (stop_tx, stop_rx) = watch::channel(false);
             let mut rxs = Vec::new();
             for (me, peer, mine, theirs) in [("alpha", "beta", pa, pb), ("beta", "alpha", pb, pa)] {
-                let (tx, rx) = mpsc::channel(64);
+                let (tx, rx) = mpsc::channel::<LinkEvent>(64);
                 rxs.push(rx);
                 tokio::spawn(run(
                     settings(me, peer, mine, theirs),

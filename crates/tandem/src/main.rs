@@ -290,6 +290,7 @@ fn serve(args: ServeArgs) -> Result<(), String> {
         ..FileOptions::default()
     };
     let device = FileDevice::open(&args.path, &opts).map_err(|e| e.to_string())?;
+    tandem_engine::keep_payload_buffers();
     // A server whose client is the local kernel must keep making progress
     // when the kernel reclaims memory by writing to this very device.
     if let Err(e) = rustix::process::configure_io_flusher_behavior(true) {
