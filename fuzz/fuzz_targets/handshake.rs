@@ -23,7 +23,7 @@ fuzz_target!(|data: &[u8]| {
         multi_conn: true,
         block_sizes: BlockSizes { minimum: 1, preferred: 4096, maximum_payload: 32 << 20 },
     };
-    let export = Export { name: "disk".into(), description: Some("fuzz".into()), size: 1 << 30, caps };
+    let export = Export { name: "disk".into(), description: Some("fuzz".into()), size: 1 << 30, caps, unavailable: None };
     let mut out = BytesMut::new();
     let mut hs = Handshake::new(export, &mut out);
     let mut input = BytesMut::new();
