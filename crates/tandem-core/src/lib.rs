@@ -154,6 +154,17 @@ pub enum Packet {
         /// How many writes it held.
         writes: u32,
     },
+    /// May the sender become Primary? `token` breaks the tie when both
+    /// nodes ask at once: the lower one wins.
+    PromoteRequest {
+        /// Random tie-breaker.
+        token: u64,
+    },
+    /// The answer to [`Packet::PromoteRequest`].
+    PromoteReply {
+        /// Yes: the sender now counts this node's peer as Primary.
+        granted: bool,
+    },
     /// A fresh pair skips its initial sync: adopt this current generation
     /// and consider the data UpToDate.
     NewCurrentUuid {
@@ -291,8 +302,19 @@ pub enum Action {
         /// The rule that found it.
         rule: &'static str,
     },
+    /// A pending promotion ended.
+    PromotionDone(Result<(), Refusal>),
     /// Something an operator should read in the log.
     Log(String),
+}
+
+/// How a `promote` went.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Promotion {
+    /// This node is Primary now.
+    Done,
+    /// The peer was asked; [`Action::PromotionDone`] says how it ended.
+    Pending,
 }
 
 /// Static configuration.
@@ -487,6 +509,8 @@ pub struct Core {
     /// peer, or promoted without one).
     rng: u64,
     counters: Counters,
+    /// A promotion waiting for the peer's answer: (token, force).
+    promoting: Option<(u64, bool)>,
 }
 
 impl Core {
@@ -521,6 +545,7 @@ impl Core {
             barrier_waiters: BTreeMap::new(),
             unstable: BTreeMap::new(),
             rng: seed | 1,
+            promoting: None,
             counters: Counters::default(),
         }
     }
@@ -617,11 +642,32 @@ impl Core {
         self.cstate = ConnState::StandAlone;
     }
 
-    /// `primary [--force]`.
-    pub fn promote(&mut self, force: bool, out: &mut Vec<Action>) -> Result<(), Refusal> {
+    /// `primary [--force]`. While connected, promotion is a state change
+    /// of the pair: the peer is asked first (invariant 6 must hold even when
+    /// both nodes are told to promote at the same moment), so the answer may
+    /// be [`Promotion::Pending`], settled later by
+    /// [`Action::PromotionDone`].
+    pub fn promote(&mut self, force: bool, out: &mut Vec<Action>) -> Result<Promotion, Refusal> {
         if self.role == Role::Primary {
-            return Ok(());
+            return Ok(Promotion::Done);
         }
+        if self.promoting.is_some() {
+            return Err(Refusal::Other(
+                "refusing to promote: a promotion is already in progress".into(),
+            ));
+        }
+        self.check_promotion(force)?;
+        if self.cstate.is_connected() {
+            let token = self.fresh_uuid();
+            self.promoting = Some((token, force));
+            out.push(Action::Send(Packet::PromoteRequest { token }));
+            return Ok(Promotion::Pending);
+        }
+        self.do_promote(out);
+        Ok(Promotion::Done)
+    }
+
+    fn check_promotion(&self, force: bool) -> Result<(), Refusal> {
         let connected = self.cstate.is_connected();
         if connected && self.peer_role == Role::Primary {
             return Err(Refusal::PeerIsPrimary);
@@ -644,6 +690,16 @@ impl Core {
         if matches!(self.disk, DiskState::Diskless | DiskState::Failed) {
             return Err(Refusal::Other("refusing to promote: no local disk".into()));
         }
+        Ok(())
+    }
+
+    fn do_promote(&mut self, out: &mut Vec<Action>) {
+        let connected = self.cstate.is_connected();
+        let usable = match self.disk {
+            DiskState::UpToDate => true,
+            DiskState::Consistent => !connected,
+            _ => false,
+        };
         let peer_has_it = connected && self.peer_disk == DiskState::UpToDate && usable;
         if !peer_has_it {
             // Invariant 5: a new data generation begins before its first write.
@@ -661,7 +717,6 @@ impl Core {
         self.role = Role::Primary;
         self.persist_flags(flags::PRIMARY_IND, 0, out);
         self.send_state(out);
-        Ok(())
     }
 
     /// `secondary [--force]`; `nbd_clients` is how many clients the
@@ -1128,6 +1183,12 @@ impl Core {
         };
         self.peer_role = Role::Unknown;
         self.peer_disk = DiskState::DUnknown;
+        if self.promoting.take().is_some() {
+            out.push(Action::PromotionDone(Err(Refusal::Other(
+                "refusing to promote: the link to the peer dropped while asking it; try again"
+                    .into(),
+            ))));
+        }
         // Invariant 3: every write the peer did not confirm as written.
         let tl: Vec<(u64, ReqId)> = std::mem::take(&mut self.tl).into_iter().collect();
         for (_, req) in tl {
@@ -1283,6 +1344,46 @@ impl Core {
                     self.finish(req, out);
                 }
                 self.start_waiting(out);
+            }
+            Packet::PromoteRequest { token } => {
+                let grant = match self.promoting {
+                    _ if self.role == Role::Primary => false,
+                    Some((mine, _)) if token < mine => {
+                        self.promoting = None;
+                        out.push(Action::PromotionDone(Err(Refusal::PeerIsPrimary)));
+                        true
+                    }
+                    Some(_) => false,
+                    None => true,
+                };
+                if grant {
+                    // From now on this node refuses its own promotion.
+                    self.peer_role = Role::Primary;
+                }
+                out.push(Action::Send(Packet::PromoteReply { granted: grant }));
+            }
+            Packet::PromoteReply { granted } => {
+                if let Some((_, force)) = self.promoting.take() {
+                    if !granted {
+                        out.push(Action::PromotionDone(Err(Refusal::PeerIsPrimary)));
+                    } else {
+                        match self.check_promotion(force) {
+                            Ok(()) => {
+                                // Reported first: the driver answers the
+                                // operator, and the actions that follow
+                                // (new generation, flags, state) run before
+                                // anything else can reach the core.
+                                out.push(Action::PromotionDone(Ok(())));
+                                self.do_promote(out);
+                            }
+                            Err(e) => {
+                                // The peer counts us as Primary: correct it.
+                                self.send_state(out);
+                                out.push(Action::PromotionDone(Err(e)));
+                            }
+                        }
+                    }
+                }
             }
             Packet::NewCurrentUuid { uuid } => {
                 if self.gens.current == UUID_JUST_CREATED && self.role == Role::Secondary {

@@ -102,17 +102,40 @@ fn connect(a: &mut Node, b: &mut Node) {
     assert_eq!(b.core.cstate(), ConnState::Connected);
 }
 
+/// Deliver frames both ways until none are left; keep the other actions.
+fn exchange(a: &mut Node, b: &mut Node) -> (Vec<Action>, Vec<Action>) {
+    let (mut ka, mut kb) = (Vec::new(), Vec::new());
+    for _ in 0..10 {
+        let (aa, ba) = (a.take(), b.take());
+        let (to_b, to_a) = (sends(&aa), sends(&ba));
+        ka.extend(aa.into_iter().filter(|x| !matches!(x, Action::Send(_))));
+        kb.extend(ba.into_iter().filter(|x| !matches!(x, Action::Send(_))));
+        if to_a.is_empty() && to_b.is_empty() {
+            break;
+        }
+        for p in to_b {
+            b.feed(Event::Packet { link: 1, packet: p });
+        }
+        for p in to_a {
+            a.feed(Event::Packet { link: 1, packet: p });
+        }
+    }
+    (ka, kb)
+}
+
 fn pair(protocol: Protocol) -> (Node, Node) {
     let mut a = Node::new(protocol, attached_up_to_date(0xAAA0), 1);
     let mut b = Node::new(protocol, attached_up_to_date(0xAAA0), 2);
     connect(&mut a, &mut b);
     assert_eq!(a.core.disk(), DiskState::UpToDate);
     assert_eq!(b.core.peer_disk(), DiskState::UpToDate);
-    a.core.promote(false, &mut a.actions).unwrap();
-    for p in sends(&a.take()) {
-        b.feed(Event::Packet { link: 1, packet: p });
-    }
-    b.take();
+    assert_eq!(
+        a.core.promote(false, &mut a.actions),
+        Ok(Promotion::Pending),
+        "connected: the peer is asked first"
+    );
+    exchange(&mut a, &mut b);
+    assert_eq!(a.core.role(), Role::Primary);
     assert_eq!(b.core.peer_role(), Role::Primary);
     (a, b)
 }
@@ -625,4 +648,49 @@ fn a_waiting_write_survives_link_loss() {
             ..
         }
     )));
+}
+
+/// Invariant 6 under a race: both nodes are told to promote at the same
+/// moment while connected. Exactly one becomes Primary, the other is
+/// refused with "peer is Primary", and they never count two Primaries.
+#[test]
+fn racing_promotions_make_one_primary() {
+    for seed in 0..20 {
+        let mut a = Node::new(Protocol::C, attached_up_to_date(0xAAA0), 1 + seed);
+        let mut b = Node::new(Protocol::C, attached_up_to_date(0xAAA0), 100 + seed);
+        connect(&mut a, &mut b);
+        assert_eq!(
+            a.core.promote(false, &mut a.actions),
+            Ok(Promotion::Pending)
+        );
+        assert_eq!(
+            b.core.promote(false, &mut b.actions),
+            Ok(Promotion::Pending)
+        );
+        let (ka, kb) = exchange(&mut a, &mut b);
+        let done = |k: &[Action]| {
+            k.iter()
+                .filter_map(|x| match x {
+                    Action::PromotionDone(r) => Some(r.clone()),
+                    _ => None,
+                })
+                .collect::<Vec<_>>()
+        };
+        let (da, db) = (done(&ka), done(&kb));
+        assert_eq!(da.len(), 1, "{da:?}");
+        assert_eq!(db.len(), 1, "{db:?}");
+        let winners = [&a, &b]
+            .iter()
+            .filter(|n| n.core.role() == Role::Primary)
+            .count();
+        assert_eq!(winners, 1, "seed {seed}: {da:?} {db:?}");
+        let loser_refusal = if a.core.role() == Role::Primary {
+            &db[0]
+        } else {
+            &da[0]
+        };
+        assert_eq!(loser_refusal, &Err(Refusal::PeerIsPrimary));
+        assert_eq!(a.core.cstate(), ConnState::Connected);
+        assert_eq!(b.core.cstate(), ConnState::Connected);
+    }
 }

@@ -420,6 +420,8 @@ async fn run_async(opts: DaemonOptions, ready: impl FnOnce()) -> Result<(), Stri
         integrity: cfg.net.data_integrity,
         al_retry: VecDeque::new(),
         external_md: placement == Placement::External,
+        pending_promote: None,
+        promotion_result: None,
     };
     ready();
     info!("{res} is up on {}", me.name);
@@ -665,6 +667,9 @@ struct Actor {
     al_retry: VecDeque<(ReqId, std::ops::Range<u64>)>,
     /// Metadata on another device than the data.
     external_md: bool,
+    /// The `primary` caller waiting for the peer's answer.
+    pending_promote: Option<oneshot::Sender<Response>>,
+    promotion_result: Option<Result<(), tandem_core::Refusal>>,
 }
 
 enum ClientPayload {
@@ -705,6 +710,9 @@ impl Actor {
                 Input::Client(op, reply) => self.client(op, reply).await,
                 Input::Core(ev) => self.feed(ev).await,
                 Input::Link(ev) => self.link_event(ev).await,
+                Input::Admin(req, reply) if req.verb == "primary" => {
+                    self.promote(req.force, reply).await;
+                }
                 Input::Admin(req, reply) => {
                     let resp = self.admin(&req).await;
                     let _ = reply.send(resp);
@@ -812,6 +820,14 @@ impl Actor {
             .primary
             .store(self.core.role() == Role::Primary, Ordering::Relaxed);
         self.publish_state();
+        if let Some(r) = self.promotion_result.take() {
+            if let Some(reply) = self.pending_promote.take() {
+                let _ = reply.send(match r {
+                    Ok(()) => Response::ok(""),
+                    Err(e) => Response::refused(e.to_string()),
+                });
+            }
+        }
     }
 
     async fn action(&mut self, a: Action) {
@@ -976,6 +992,9 @@ impl Actor {
                 self.run_handler("split-brain");
             }
             Action::Log(s) => info!("{s}"),
+            // Answered at the end of the batch, once the role is visible
+            // to the NBD gate.
+            Action::PromotionDone(r) => self.promotion_result = Some(r),
         }
     }
 
@@ -1101,6 +1120,8 @@ impl Actor {
             Packet::Barrier { epoch, flush } => M::Barrier { epoch, flush },
             Packet::BarrierAck { epoch, writes } => M::BarrierAck { epoch, writes },
             Packet::NewCurrentUuid { uuid } => M::NewCurrentUuid { uuid },
+            Packet::PromoteRequest { token } => M::PromoteRequest { token },
+            Packet::PromoteReply { granted } => M::PromoteReply { granted },
         };
         // The writer task's queue is bounded; waiting here is the back
         // pressure protocol A needs when the link is slower than the disk.
@@ -1191,6 +1212,8 @@ impl Actor {
                     M::Barrier { epoch, flush } => Packet::Barrier { epoch, flush },
                     M::BarrierAck { epoch, writes } => Packet::BarrierAck { epoch, writes },
                     M::NewCurrentUuid { uuid } => Packet::NewCurrentUuid { uuid },
+                    M::PromoteRequest { token } => Packet::PromoteRequest { token },
+                    M::PromoteReply { granted } => Packet::PromoteReply { granted },
                     // Liveness only (last_rx is updated above).
                     M::Ping | M::PingAck => return,
                     M::Disconnect { reason } => {
@@ -1257,10 +1280,6 @@ impl Actor {
                     Response::ok(self.status_text())
                 }
             }
-            "primary" => match self.core.promote(req.force, &mut out) {
-                Ok(()) => Response::ok(""),
-                Err(e) => Response::refused(e.to_string()),
-            },
             "secondary" => {
                 let clients = self.nbd_stats.clients();
                 match self.core.demote(clients, &mut out) {
@@ -1306,6 +1325,29 @@ impl Actor {
         };
         self.execute(out).await;
         resp
+    }
+
+    /// `primary`: answered at once, or when the peer has answered.
+    async fn promote(&mut self, force: bool, reply: oneshot::Sender<Response>) {
+        if self.pending_promote.is_some() {
+            let _ = reply.send(Response::refused(
+                "refusing to promote: a promotion is already in progress",
+            ));
+            return;
+        }
+        let mut out = Vec::new();
+        let r = self.core.promote(force, &mut out);
+        match r {
+            Ok(tandem_core::Promotion::Done) => {
+                self.pending_promote = Some(reply);
+                self.promotion_result = Some(Ok(()));
+            }
+            Ok(tandem_core::Promotion::Pending) => self.pending_promote = Some(reply),
+            Err(e) => {
+                let _ = reply.send(Response::refused(e.to_string()));
+            }
+        }
+        self.execute(out).await;
     }
 
     fn state_fields(&self) -> [String; 5] {

@@ -94,8 +94,8 @@
 //! could lose writes it had acknowledged as written (fixed: the transfer
 //! log keeps a write until its epoch's barrier ack, as DRBD does), that a
 //! Primary's failed local write left the replicas diverged unmarked
-//! (fixed), and that simultaneous promotions briefly make two connected
-//! Primaries (open: promotion is not yet a cluster-wide state change).
+//! (fixed), and that simultaneous promotions made two connected Primaries
+//! (fixed: a connected node asks its peer before promoting).
 //! [`Options`] can still turn off the schedule features that found the
 //! fixed bugs (`overlapping_writes`, `promote_during_peer_io`,
 //! `reconnect_during_peer_io`).
@@ -107,10 +107,10 @@
 //! wire encoding and authentication, timers, NBD, disk errors on the
 //! metadata device, and reads. Power loss ([`Options::machine_crash`]:
 //! the page cache is lost, each unstable block independently survives or
-//! not; invariant 7 is checked only for daemon crashes) and local write
-//! errors ([`Options::disk_error`]) are in the default schedule at low
-//! rates; racing promotions ([`Options::racing_promote`]) are off by
-//! default: `tests/core_bugs.rs` shows what they find.
+//! not; invariant 7 is checked only for daemon crashes), local write
+//! errors ([`Options::disk_error`]) and racing promotions
+//! ([`Options::racing_promote`]) are in the default schedule at low rates;
+//! `tests/core_bugs.rs` has a seed for each at a higher one.
 #![cfg_attr(test, allow(clippy::unwrap_used))]
 #![warn(missing_docs)]
 

@@ -166,7 +166,7 @@ impl Options {
             switchover: 30,
             rogue_promote: 60,
             repair: 60,
-            racing_promote: 0,
+            racing_promote: 300,
             disk_error: 10,
             slow_io: 300,
             overlapping_writes: true,
@@ -872,6 +872,22 @@ impl Sim {
             Action::Disconnect { .. } => self.drop_link(),
             Action::SplitBrain { .. } => self.stats.split_brains += 1,
             Action::Log(_) => {}
+            Action::PromotionDone(r) => {
+                self.note(|| format!("n{n} primary (after asking the peer): {r:?}"));
+                if r.is_ok() {
+                    self.stats.promotions += 1;
+                    // Asked while connected; the check that a new
+                    // generation precedes data applies only if the peer
+                    // was not UpToDate when it answered.
+                    let peer_ok = self.nodes[n]
+                        .core
+                        .as_ref()
+                        .is_some_and(|c| c.peer_disk() == DiskState::UpToDate);
+                    if !peer_ok {
+                        self.nodes[n].gen_needed = true;
+                    }
+                }
+            }
         }
         Ok(())
     }
@@ -1382,7 +1398,7 @@ impl Sim {
         let mut acts = Vec::new();
         let r = core.promote(false, &mut acts);
         self.note(|| format!("n{n} primary: {r:?}"));
-        if r.is_ok() {
+        if r == Ok(tandem_core::Promotion::Done) {
             self.stats.promotions += 1;
             if needed {
                 self.nodes[n].gen_needed = true;

@@ -1,7 +1,6 @@
-//! What the simulation found in `tandem-core`, one seed each. Bugs 1–3 and
-//! findings 4 and 5 are fixed and these are their regression tests (the
-//! default schedule exercises bugs 1–3 too); finding 6 is open and stays
-//! ignored until promotion is a cluster-wide state change.
+//! What the simulation found in `tandem-core`, one seed each. All are fixed
+//! and these are their regression tests; the default schedule exercises
+//! each of the situations too.
 //!
 //! Run an open one with `cargo test -p tandem-sim --test core_bugs <name> --
 //! --ignored --nocapture`, or replay its seed with the whole trace:
@@ -115,9 +114,9 @@ fn finding5_local_write_error_diverges_unmarked() {
 /// Secondary); the pair is Primary/Primary and Connected until the state
 /// reports cross and both-primary split brain disconnects it. DRBD makes
 /// promotion a cluster-wide two-phase state change. Seed 7 (protocol B),
-/// `one_primary` at step 73. Racing promotions are off by default.
+/// `one_primary` at step 73. Fixed: a connected node asks
+/// its peer before promoting (PromoteRequest / PromoteReply).
 #[test]
-#[ignore = "open (finding 6): promotion is not yet a cluster-wide state change"]
 fn finding6_racing_promotions() {
     replay(7, "racing_promote=3000");
 }

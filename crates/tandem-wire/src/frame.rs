@@ -35,6 +35,8 @@ mod kind {
     pub const AUTH_FAILED: u16 = 0x0005;
     pub const REPORT_STATE: u16 = 0x0010;
     pub const NEW_CURRENT_UUID: u16 = 0x0011;
+    pub const PROMOTE_REQUEST: u16 = 0x0012;
+    pub const PROMOTE_REPLY: u16 = 0x0013;
     pub const DATA: u16 = 0x0020;
     pub const TRIM: u16 = 0x0021;
     pub const RECV_ACK: u16 = 0x0022;
@@ -68,6 +70,8 @@ fn kind_info(kind: u16) -> Option<(&'static str, usize)> {
         kind::AUTH_FAILED => ("AuthFailed", STRING_LIMIT),
         kind::REPORT_STATE => ("ReportState", REPORT_STATE_BODY),
         kind::NEW_CURRENT_UUID => ("NewCurrentUuid", 8),
+        kind::PROMOTE_REQUEST => ("PromoteRequest", 8),
+        kind::PROMOTE_REPLY => ("PromoteReply", 1),
         kind::DATA => ("Data", DATA_FIXED + MAX_DATA),
         kind::TRIM => ("Trim", TRIM_BODY),
         kind::RECV_ACK => ("RecvAck", 8),
@@ -91,6 +95,8 @@ fn kind_of(msg: &Message) -> u16 {
         Message::AuthFailed { .. } => kind::AUTH_FAILED,
         Message::ReportState(_) => kind::REPORT_STATE,
         Message::NewCurrentUuid { .. } => kind::NEW_CURRENT_UUID,
+        Message::PromoteRequest { .. } => kind::PROMOTE_REQUEST,
+        Message::PromoteReply { .. } => kind::PROMOTE_REPLY,
         Message::Data { .. } => kind::DATA,
         Message::Trim { .. } => kind::TRIM,
         Message::RecvAck { .. } => kind::RECV_ACK,
@@ -203,7 +209,9 @@ fn body_len(msg: &Message) -> usize {
         Message::ReportState(_) => REPORT_STATE_BODY,
         Message::Data { data, .. } => DATA_FIXED + data.len(),
         Message::Trim { .. } => TRIM_BODY,
+        Message::PromoteReply { .. } => 1,
         Message::NewCurrentUuid { .. }
+        | Message::PromoteRequest { .. }
         | Message::RecvAck { .. }
         | Message::WriteAck { .. }
         | Message::NegAck { .. } => 8,
@@ -303,7 +311,9 @@ pub fn encode_head(msg: &Message, out: &mut BytesMut) {
             out.put_u8(u8::from(*may_trim));
             out.put_u8(u8::from(*fua));
         }
+        Message::PromoteReply { granted } => out.put_u8(u8::from(*granted)),
         Message::NewCurrentUuid { uuid: seq }
+        | Message::PromoteRequest { token: seq }
         | Message::RecvAck { seq }
         | Message::WriteAck { seq }
         | Message::NegAck { seq } => out.put_u64_le(*seq),
@@ -567,6 +577,12 @@ fn decode_body(kind: u16, b: &mut Body) -> Result<Message, WireError> {
         kind::NEW_CURRENT_UUID => Message::NewCurrentUuid {
             uuid: b.u64("uuid")?,
         },
+        kind::PROMOTE_REQUEST => Message::PromoteRequest {
+            token: b.u64("token")?,
+        },
+        kind::PROMOTE_REPLY => Message::PromoteReply {
+            granted: b.bool("granted")?,
+        },
         kind::RECV_ACK => Message::RecvAck { seq: b.u64("seq")? },
         kind::WRITE_ACK => Message::WriteAck { seq: b.u64("seq")? },
         kind::NEG_ACK => Message::NegAck { seq: b.u64("seq")? },
@@ -636,6 +652,9 @@ mod tests {
             Message::NewCurrentUuid {
                 uuid: 0x0123_4567_89ab_cdef,
             },
+            Message::PromoteRequest { token: 77 },
+            Message::PromoteReply { granted: true },
+            Message::PromoteReply { granted: false },
             Message::Data {
                 seq: 1,
                 epoch: 2,
@@ -727,7 +746,7 @@ mod tests {
             assert!(limit <= MAX_BODY);
             seen.insert(k);
         }
-        assert_eq!(seen.len(), 17, "samples cover every type");
+        assert_eq!(seen.len(), 19, "samples cover every type");
     }
 
     #[test]
@@ -1054,6 +1073,8 @@ mod tests {
             arb_string().prop_map(|reason| Message::AuthFailed { reason }),
             arb_report().prop_map(Message::ReportState),
             any::<u64>().prop_map(|uuid| Message::NewCurrentUuid { uuid }),
+            any::<u64>().prop_map(|token| Message::PromoteRequest { token }),
+            any::<bool>().prop_map(|granted| Message::PromoteReply { granted }),
             (
                 any::<[u64; 3]>(),
                 any::<bool>(),

@@ -122,6 +122,17 @@ pub enum Message {
     },
     /// The sender's role, disk state and generation identifiers.
     ReportState(StateReport),
+    /// May the sender become Primary? The lower `token` wins when both
+    /// nodes ask at once.
+    PromoteRequest {
+        /// Random tie-breaker.
+        token: u64,
+    },
+    /// The answer to `PromoteRequest`.
+    PromoteReply {
+        /// Yes: the sender now counts the requester as Primary.
+        granted: bool,
+    },
     /// Skip the initial sync of a brand-new pair: the receiver, if its data
     /// is still just-created, adopts `uuid` as its current generation
     /// (DRBD's `new-current-uuid --clear-bitmap`).
@@ -214,6 +225,8 @@ impl Message {
             Message::AuthFailed { .. } => "AuthFailed",
             Message::ReportState(_) => "ReportState",
             Message::NewCurrentUuid { .. } => "NewCurrentUuid",
+            Message::PromoteRequest { .. } => "PromoteRequest",
+            Message::PromoteReply { .. } => "PromoteReply",
             Message::Data { .. } => "Data",
             Message::Trim { .. } => "Trim",
             Message::RecvAck { .. } => "RecvAck",
