@@ -959,3 +959,36 @@ fn whole_device_trim_and_zero_are_replicated() {
     assert!(a[..n].iter().all(|&x| x == 0 || x == b'y'));
     assert!(a[(1 << 20)..(1 << 20) + 4096].iter().all(|&x| x == b'y'));
 }
+
+/// `detach` / `attach` on the Secondary, as when replacing its disk: the
+/// Primary keeps serving and marks what beta misses; the detached disk is
+/// released (its metadata can be dumped); after `attach` the pair
+/// reconnects and finds beta behind (Outdated), never silently UpToDate.
+/// The Primary cannot detach.
+#[test]
+fn detach_and_attach_the_secondary_disk() {
+    require_tool("nbdsh");
+    let pair = Pair::connected(PairOptions::default());
+    let err = pair.refused(Alpha, &["detach", RES]);
+    assert!(err.contains("Primary"), "{err}");
+    pair.ok(Beta, &["detach", RES]);
+    pair.wait_for(Beta, "dstate", "Diskless/UpToDate", STATE_TIMEOUT);
+    pair.wait_for(Alpha, "dstate", "UpToDate/Diskless", STATE_TIMEOUT);
+    // Released: the metadata verbs may open it again.
+    let dump = pair.ok(Beta, &["dump-md", RES]);
+    assert!(dump.contains("clean"), "{dump}");
+    let uri = pair.nbd_uri(Alpha);
+    assert!(nbdsh(
+        &uri,
+        "h.pwrite(b'z' * 65536, 1 << 20)\nh.flush()\nprint('OK')"
+    )
+    .contains("OK"));
+    let s = pair.status(Alpha);
+    assert_eq!(s["out-of-sync-bytes"], 65536, "{s:#}");
+    pair.ok(Beta, &["attach", RES]);
+    pair.wait_for(Beta, "cstate", "Connected", STATE_TIMEOUT);
+    pair.wait_for(Beta, "dstate", "Outdated/UpToDate", STATE_TIMEOUT);
+    pair.wait_for(Alpha, "dstate", "UpToDate/Outdated", STATE_TIMEOUT);
+    let err = pair.refused(Beta, &["primary", RES]);
+    assert!(err.contains("peer is Primary"), "{err}");
+}

@@ -517,14 +517,7 @@ impl Core {
     /// A core for an attached disk, Secondary, not connected.
     /// `seed` feeds the generator of new generation identifiers.
     pub fn new(cfg: Config, attached: Attached, seed: u64) -> Core {
-        let f = attached.flags;
-        let disk = if f & flags::CONSISTENT == 0 {
-            DiskState::Inconsistent
-        } else if f & flags::WAS_UP_TO_DATE == 0 {
-            DiskState::Outdated
-        } else {
-            DiskState::Consistent
-        };
+        let disk = disk_from_flags(attached.flags);
         Core {
             cfg,
             role: Role::Secondary,
@@ -760,6 +753,53 @@ impl Core {
         self.adopt_uuid(uuid, out);
         out.push(Action::Send(Packet::NewCurrentUuid { uuid }));
         self.send_state(out);
+        Ok(())
+    }
+
+    /// `detach`: give up the local disk. Only a Secondary can (a Primary
+    /// would have to read through its peer, which tandem does not do yet),
+    /// and only when no peer write is in flight; the driver closes the
+    /// metadata cleanly afterwards. The peer marks everything from now on
+    /// out of sync and starts a new generation, so the reattached disk is
+    /// found to be behind.
+    pub fn detach(&mut self, out: &mut Vec<Action>) -> Result<(), Refusal> {
+        if self.disk == DiskState::Diskless {
+            return Ok(());
+        }
+        if self.role == Role::Primary {
+            return Err(Refusal::Other(
+                "refusing to detach: this node is Primary (demote it first)".into(),
+            ));
+        }
+        if !(self.rx.inflight.is_empty()
+            && self.rx.queue.is_empty()
+            && self.rx.flushing.is_none()
+            && self.rx.stabilizing.is_empty())
+        {
+            return Err(Refusal::Busy(self.rx.inflight.len() + self.rx.queue.len()));
+        }
+        self.disk = DiskState::Diskless;
+        self.send_state(out);
+        Ok(())
+    }
+
+    /// `attach`: take a disk (again) with what its metadata says. When
+    /// connected, the link is renegotiated so that the generation
+    /// identifiers decide who is ahead, as on any connect.
+    pub fn attach(&mut self, attached: Attached, out: &mut Vec<Action>) -> Result<(), Refusal> {
+        if self.disk != DiskState::Diskless {
+            return Err(Refusal::Other("a disk is attached already".into()));
+        }
+        self.gens = attached.gens;
+        self.flags = attached.flags;
+        self.disk = disk_from_flags(attached.flags);
+        if let Some(link) = self.link {
+            out.push(Action::Disconnect {
+                reason: "renegotiating after attach".into(),
+                standalone: false,
+            });
+            self.link_lost(link, ConnState::Unconnected, out);
+        }
         Ok(())
     }
 
@@ -1247,6 +1287,11 @@ impl Core {
                     );
                     return;
                 }
+                if self.disk == DiskState::Diskless {
+                    // Nowhere to write it: the sender marks it out of sync.
+                    out.push(Action::Send(Packet::NegAck(seq)));
+                    return;
+                }
                 if self.rx.queue.len() >= MAX_PEER_QUEUE {
                     self.protocol_error("peer overran the receive queue", out);
                     return;
@@ -1514,7 +1559,13 @@ impl Core {
                     out,
                 );
             }
-            let (rule, decision) = gi::compare(&self.gens, &report.gens);
+            let (rule, decision) =
+                if self.disk == DiskState::Diskless || report.disk == DiskState::Diskless {
+                    // No data on one side: nothing to compare.
+                    (gi::Rule::Equal, gi::Decision::NoSync)
+                } else {
+                    gi::compare(&self.gens, &report.gens)
+                };
             out.push(Action::Log(format!(
                 "generations: mine {}, peer {}: rule {}",
                 fmt_gens(&self.gens),
@@ -1580,6 +1631,14 @@ impl Core {
                 out,
             );
         }
+        if report.disk == DiskState::Diskless
+            && self.peer_disk != DiskState::Diskless
+            && self.role == Role::Primary
+        {
+            // Invariant 5: from here on the peer's disk misses writes; when
+            // it comes back the generations must say so.
+            self.new_current_uuid(out);
+        }
         self.peer_role = report.role;
         self.peer_disk = report.disk;
         self.start_waiting(out);
@@ -1641,6 +1700,17 @@ impl Core {
             self.flags = new;
             out.push(Action::PersistFlags { set, clear });
         }
+    }
+}
+
+/// The disk state a disk attaches in, from its superblock flags.
+fn disk_from_flags(f: u32) -> DiskState {
+    if f & flags::CONSISTENT == 0 {
+        DiskState::Inconsistent
+    } else if f & flags::WAS_UP_TO_DATE == 0 {
+        DiskState::Outdated
+    } else {
+        DiskState::Consistent
     }
 }
 

@@ -694,3 +694,57 @@ fn racing_promotions_make_one_primary() {
         assert_eq!(b.core.cstate(), ConnState::Connected);
     }
 }
+
+/// `detach` on the Secondary: the Primary marks what it writes from then
+/// on and starts a new generation; after `attach` the renegotiated link
+/// finds the reattached disk behind (Outdated), never silently UpToDate.
+#[test]
+fn detach_and_attach_on_the_secondary() {
+    let (mut a, mut b) = pair(Protocol::C);
+    let old = b.core.generations();
+    assert!(a.core.detach(&mut a.actions).is_err(), "not on the Primary");
+    b.core.detach(&mut b.actions).unwrap();
+    assert_eq!(b.core.disk(), DiskState::Diskless);
+    exchange(&mut a, &mut b);
+    assert_eq!(a.core.peer_disk(), DiskState::Diskless);
+    assert_ne!(a.core.generations().current, old.current);
+    a.feed(write(1, 0));
+    let acts = a.take_after_al();
+    assert!(acts.contains(&Action::MarkOutOfSync { range: 0..4096 }));
+    assert!(
+        sends(&acts).is_empty(),
+        "nothing is sent to a diskless peer"
+    );
+    b.core
+        .attach(
+            Attached {
+                gens: old,
+                flags: flags::CONSISTENT | flags::WAS_UP_TO_DATE,
+            },
+            &mut b.actions,
+        )
+        .unwrap();
+    assert!(b
+        .take()
+        .iter()
+        .any(|x| matches!(x, Action::Disconnect { .. })));
+    a.feed(Event::LinkDown {
+        link: 1,
+        cause: ConnState::BrokenPipe,
+    });
+    a.take();
+    a.feed(Event::LinkUp { link: 2 });
+    b.feed(Event::LinkUp { link: 2 });
+    for _ in 0..4 {
+        let (to_b, to_a) = (sends(&a.take()), sends(&b.take()));
+        for p in to_b {
+            b.feed(Event::Packet { link: 2, packet: p });
+        }
+        for p in to_a {
+            a.feed(Event::Packet { link: 2, packet: p });
+        }
+    }
+    assert_eq!(b.core.cstate(), ConnState::Connected);
+    assert_eq!(b.core.disk(), DiskState::Outdated);
+    assert_eq!(a.core.peer_disk(), DiskState::Outdated);
+}

@@ -95,8 +95,23 @@ struct Shared {
 /// The replicated device the NBD server serves.
 struct Replicated {
     size: u64,
-    local: Arc<FileDevice>,
+    /// The local disk; empty while detached. Reads only happen on the
+    /// Primary, which cannot detach, but the slot lets `detach` close the
+    /// file and `attach` open another.
+    local: DiskSlot,
+    /// What the device advertised at start (fixed for the NBD server).
+    caps: Capabilities,
     tx: mpsc::Sender<Input>,
+}
+
+/// The local disk, shared between the actor and the NBD frontend.
+type DiskSlot = Arc<std::sync::RwLock<Option<Arc<FileDevice>>>>;
+
+fn disk_of(slot: &DiskSlot) -> io::Result<Arc<FileDevice>> {
+    slot.read()
+        .ok()
+        .and_then(|g| g.clone())
+        .ok_or_else(|| io::Error::other("no local disk (detached)"))
 }
 
 impl Replicated {
@@ -116,7 +131,7 @@ impl BlockDevice for Replicated {
         self.size
     }
     fn capabilities(&self) -> Capabilities {
-        let mut c = self.local.capabilities();
+        let mut c = self.caps;
         // Zeroing must happen identically on both nodes; "fast only" would
         // need the peer's answer before ours.
         c.fast_zero = false;
@@ -124,7 +139,7 @@ impl BlockDevice for Replicated {
         c
     }
     async fn read(&self, offset: u64, len: usize) -> io::Result<Bytes> {
-        self.local.read(offset, len).await
+        disk_of(&self.local)?.read(offset, len).await
     }
     async fn write(&self, offset: u64, data: Bytes, fua: bool) -> io::Result<()> {
         self.submit(ClientOp::Write { offset, data, fua }).await
@@ -154,7 +169,7 @@ impl BlockDevice for Replicated {
         Ok(())
     }
     async fn cache(&self, offset: u64, len: u64) -> io::Result<()> {
-        self.local.cache(offset, len).await
+        disk_of(&self.local)?.cache(offset, len).await
     }
     async fn block_status(
         &self,
@@ -162,7 +177,9 @@ impl BlockDevice for Replicated {
         len: u64,
         max_extents: usize,
     ) -> io::Result<Vec<Extent>> {
-        self.local.block_status(offset, len, max_extents).await
+        disk_of(&self.local)?
+            .block_status(offset, len, max_extents)
+            .await
     }
 }
 
@@ -257,6 +274,7 @@ async fn run_async(opts: DaemonOptions, ready: impl FnOnce()) -> Result<(), Stri
             local.size()
         ));
     }
+    let slot: DiskSlot = Arc::new(std::sync::RwLock::new(Some(Arc::clone(&local))));
     let protocol = match cfg.protocol {
         tandem_config::Protocol::A => Protocol::A,
         tandem_config::Protocol::B => Protocol::B,
@@ -337,7 +355,8 @@ async fn run_async(opts: DaemonOptions, ready: impl FnOnce()) -> Result<(), Stri
     // while this node is not Primary.
     let device = Arc::new(Replicated {
         size,
-        local: Arc::clone(&local),
+        caps: local.capabilities(),
+        local: Arc::clone(&slot),
         tx: tx.clone(),
     });
     let nbd_addr = ListenAddr::parse(&me.nbd).map_err(|e| format!("node.nbd: {e}"))?;
@@ -399,8 +418,11 @@ async fn run_async(opts: DaemonOptions, ready: impl FnOnce()) -> Result<(), Stri
         res: res.clone(),
         node: me.name.clone(),
         core,
-        md,
-        local,
+        md: Some(md),
+        slot: Arc::clone(&slot),
+        disk_path: me.disk.clone(),
+        md_path: md_path.clone(),
+        placement,
         tx: tx.clone(),
         internal: VecDeque::new(),
         next_req: 1,
@@ -640,8 +662,12 @@ struct Actor {
     res: String,
     node: String,
     core: Core,
-    md: Metadata<FileIo>,
-    local: Arc<FileDevice>,
+    /// The metadata; `None` while detached.
+    md: Option<Metadata<FileIo>>,
+    slot: DiskSlot,
+    disk_path: PathBuf,
+    md_path: PathBuf,
+    placement: Placement,
     tx: mpsc::Sender<Input>,
     /// Events the actor raises for itself, handled before new input.
     internal: VecDeque<Event>,
@@ -678,6 +704,79 @@ enum ClientPayload {
 }
 
 impl Actor {
+    fn out_of_sync(&self) -> u64 {
+        self.md.as_ref().map_or(0, |md| md.bitmap().count() * 4096)
+    }
+
+    /// `detach`: the core agrees, then the metadata is closed cleanly and
+    /// the disk released (lock included), so it can be replaced.
+    async fn detach(&mut self) -> Response {
+        let mut out = Vec::new();
+        if let Err(e) = self.core.detach(&mut out) {
+            return Response::refused(e.to_string());
+        }
+        self.execute(out).await;
+        if let Some(md) = self.md.take() {
+            if let Err(e) = md.close() {
+                error!("closing the metadata on detach failed: {e}");
+            }
+        }
+        if let Ok(mut g) = self.slot.write() {
+            *g = None;
+        }
+        info!("detached {}", self.disk_path.display());
+        Response::ok("")
+    }
+
+    /// `attach`: open the disk and its metadata again (as `up` does).
+    async fn attach(&mut self) -> Response {
+        if self.md.is_some() {
+            return Response::refused("a disk is attached already");
+        }
+        let res = self.res.clone();
+        let md_err = |e: String| format!("{res}: {}: {e}", self.md_path.display());
+        let io = match FileIo::open(&self.md_path, false) {
+            Ok(io) => io,
+            Err(e) => return Response::refused(md_err(format!("cannot open: {e}"))),
+        };
+        if let Err(e) = io.lock(true) {
+            return Response::refused(md_err(e));
+        }
+        let (md, report) = match Metadata::open(io, self.placement) {
+            Ok(m) => m,
+            Err(e) => return Response::refused(md_err(e.to_string())),
+        };
+        if md.layout().data_size != self.core.size() {
+            return Response::refused(md_err(format!(
+                "the metadata's data size is {} bytes, the resource's {}",
+                md.layout().data_size,
+                self.core.size()
+            )));
+        }
+        let dev = match FileDevice::open(&self.disk_path, &FileOptions::default()) {
+            Ok(d) => Arc::new(d),
+            Err(e) => return Response::refused(e.to_string()),
+        };
+        let attached = Attached {
+            gens: md.generations(),
+            flags: md.flags(),
+        };
+        let mut out = Vec::new();
+        if let Err(e) = self.core.attach(attached, &mut out) {
+            return Response::refused(e.to_string());
+        }
+        if !report.was_clean {
+            warn!("the attached metadata was not closed cleanly: its activity log is marked out of sync");
+        }
+        self.md = Some(md);
+        if let Ok(mut g) = self.slot.write() {
+            *g = Some(dev);
+        }
+        info!("attached {}", self.disk_path.display());
+        self.execute(out).await;
+        Response::ok("")
+    }
+
     async fn run(
         mut self,
         mut rx: mpsc::Receiver<Input>,
@@ -738,20 +837,22 @@ impl Actor {
         }
         if busy > 0 {
             warn!("{busy} requests were still in flight at shutdown; leaving the metadata unclean so the activity log is replayed");
-            let _ = self.md.flush_bitmap();
+            if let Some(md) = self.md.as_mut() {
+                let _ = md.flush_bitmap();
+            }
             return Ok(());
         }
+        let Some(mut md) = self.md.take() else {
+            info!("{} is down (it was detached)", self.res);
+            return Ok(());
+        };
         // A clean stop ends the Primary role, as `drbdadm down` demotes.
         if self.core.role() == Role::Primary {
-            if let Err(e) = self
-                .md
-                .change_flags(0, tandem_meta::superblock::flags::PRIMARY_IND)
-            {
+            if let Err(e) = md.change_flags(0, tandem_meta::superblock::flags::PRIMARY_IND) {
                 warn!("cannot clear the primary flag: {e}");
             }
         }
-        self.md
-            .close()
+        md.close()
             .map_err(|e| format!("closing the metadata failed: {e}"))?;
         info!("{} is down", self.res);
         Ok(())
@@ -841,7 +942,9 @@ impl Actor {
                 }
             }
             Action::AlEnd { range } => {
-                self.md.end_io(range);
+                if let Some(md) = self.md.as_mut() {
+                    md.end_io(range);
+                }
                 // Slots may have freed up for writes that found them all busy.
                 while let Some((req, range)) = self.al_retry.pop_front() {
                     if !self.al_begin(req, range.clone()).await {
@@ -876,7 +979,10 @@ impl Actor {
                 // cheaper here than a task and two channel hops.
                 if let (WriteKind::Data, Some(d), false) = (kind, &data, fua) {
                     if d.len() <= INLINE_WRITE_MAX {
-                        let r = self.local.write(offset, d.clone(), false).await;
+                        let r = match disk_of(&self.slot) {
+                            Ok(dev) => dev.write(offset, d.clone(), false).await,
+                            Err(e) => Err(e),
+                        };
                         if let Err(e) = &r {
                             error!("local write at {offset}+{len} failed: {e}");
                         }
@@ -885,7 +991,14 @@ impl Actor {
                         return;
                     }
                 }
-                let dev = Arc::clone(&self.local);
+                let dev = match disk_of(&self.slot) {
+                    Ok(d) => d,
+                    Err(e) => {
+                        error!("local write at {offset}+{len}: {e}");
+                        self.internal.push_back(Event::LocalDone { op, ok: false });
+                        return;
+                    }
+                };
                 let tx = self.tx.clone();
                 tokio::spawn(async move {
                     let r = match kind {
@@ -929,7 +1042,11 @@ impl Actor {
                 });
             }
             Action::LocalFlush { op } => {
-                let dev = Arc::clone(&self.local);
+                let Ok(dev) = disk_of(&self.slot) else {
+                    // Detached: nothing local to make stable.
+                    self.internal.push_back(Event::LocalDone { op, ok: true });
+                    return;
+                };
                 let tx = self.tx.clone();
                 tokio::spawn(async move {
                     let r = dev.flush().await;
@@ -951,28 +1068,32 @@ impl Actor {
                 }
             }
             Action::MarkOutOfSync { range } => {
-                if let Err(e) = self.md.set_out_of_sync(range) {
+                let Some(md) = self.md.as_mut() else { return };
+                if let Err(e) = md.set_out_of_sync(range) {
                     error!("cannot mark out of sync: {e}");
                 }
             }
             Action::ClearBitmap => {
                 let size = self.core.size();
-                if let Err(e) = self.md.set_in_sync(0..size) {
+                let Some(md) = self.md.as_mut() else { return };
+                if let Err(e) = md.set_in_sync(0..size) {
                     error!("cannot clear the bitmap: {e}");
                 }
-                match self.md.flush_bitmap() {
+                match md.flush_bitmap() {
                     Ok(n) => self.counters_extra.bm_writes += n as u64,
                     Err(e) => error!("cannot write the bitmap: {e}"),
                 }
             }
             Action::PersistGenerations(g) => {
                 info!("new generations {}", fmt_gens(&g));
-                if let Err(e) = self.md.set_generations(g) {
+                let Some(md) = self.md.as_mut() else { return };
+                if let Err(e) = md.set_generations(g) {
                     error!("cannot persist generations: {e}");
                 }
             }
             Action::PersistFlags { set, clear } => {
-                if let Err(e) = self.md.change_flags(set, clear) {
+                let Some(md) = self.md.as_mut() else { return };
+                if let Err(e) = md.change_flags(set, clear) {
                     error!("cannot persist flags: {e}");
                 }
             }
@@ -1001,22 +1122,34 @@ impl Actor {
     /// Ask the activity log to cover `range`; false when every slot is
     /// busy (the request is queued and retried as writes finish).
     async fn al_begin(&mut self, req: ReqId, range: std::ops::Range<u64>) -> bool {
+        let Some(md) = self.md.as_ref() else {
+            error!("a write reached a node without a disk");
+            self.internal.push_back(Event::AlReady { req, ok: false });
+            return true;
+        };
         if self.external_md && !range.is_empty() {
             // A transaction that makes an extent hot may evict a cold one,
             // after which a crash no longer marks it: writes completed there
             // must be stable first. With internal metadata the transaction's
             // own fdatasync of the same file does this.
-            let active = self.md.activity_log().active();
+            let active = md.activity_log().active();
             let cold = ((range.start >> 22)..=((range.end - 1) >> 22))
                 .any(|e| !active.contains(&(e as u32)));
             if cold {
-                if let Err(e) = self.local.flush().await {
+                let flushed = match disk_of(&self.slot) {
+                    Ok(dev) => dev.flush().await,
+                    Err(e) => Err(e),
+                };
+                if let Err(e) = flushed {
                     error!("flushing the disk before an activity-log update failed: {e}");
                 }
             }
         }
-        let before = self.md.activity_log().seq();
-        let ok = match self.md.begin_io(range.clone()) {
+        let Some(md) = self.md.as_mut() else {
+            return true;
+        };
+        let before = md.activity_log().seq();
+        let ok = match md.begin_io(range.clone()) {
             Ok(true) => true,
             Ok(false) => {
                 self.al_retry.push_back((req, range));
@@ -1030,7 +1163,7 @@ impl Actor {
                 false
             }
         };
-        self.counters_extra.al_writes += self.md.activity_log().seq() - before;
+        self.counters_extra.al_writes += md.activity_log().seq() - before;
         self.internal.push_back(Event::AlReady { req, ok });
         true
     }
@@ -1066,7 +1199,7 @@ impl Actor {
         let Some(link) = &self.link else { return };
         use tandem_wire::Message as M;
         let msg = match p {
-            Packet::State(r) => M::ReportState(wire_report(&r, self.md.bitmap().count() * 4096)),
+            Packet::State(r) => M::ReportState(wire_report(&r, self.out_of_sync())),
             Packet::Data {
                 req,
                 seq,
@@ -1317,6 +1450,8 @@ impl Actor {
                     }
                 }
             }
+            "detach" => return self.detach().await,
+            "attach" => return self.attach().await,
             "outdate" => match self.core.outdate(&mut out) {
                 Ok(()) => Response::ok(""),
                 Err(e) => Response::refused(e.to_string()),
@@ -1397,7 +1532,7 @@ impl Actor {
 
     fn status_json(&self) -> serde_json::Value {
         let c = self.core.counters();
-        let oos = self.md.bitmap().count() * 4096;
+        let oos = self.out_of_sync();
         let kib = |b: u64| b / 1024;
         json!({
             "name": self.res,
@@ -1427,7 +1562,7 @@ impl Actor {
 
     fn status_text(&self) -> String {
         let c = self.core.counters();
-        let oos = self.md.bitmap().count() * 4096;
+        let oos = self.out_of_sync();
         format!(
             "{res} role:{role}\n  disk:{disk}\n  {peer} role:{prole}\n    connection:{cs} peer-disk:{pdisk} protocol:{proto}\n    out-of-sync: {oos} KiB\n    ns:{ns} nr:{nr} dw:{dw} dr:{dr} al:{al} bm:{bm} lo:{lo} pe:{pe} ua:{ua} ap:{ap} ep:{ep} oos:{oos}\n    nbd-clients:{clients}",
             res = self.res,

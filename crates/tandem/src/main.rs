@@ -122,6 +122,17 @@ enum Verb {
         #[arg(long)]
         clear_bitmap: bool,
     },
+    /// Give up the local disk (Secondary only): the metadata is closed
+    /// cleanly and the disk released; the peer marks what it writes.
+    Detach {
+        /// Resource name.
+        resource: String,
+    },
+    /// Take the local disk again and renegotiate with the peer.
+    Attach {
+        /// Resource name.
+        resource: String,
+    },
     /// Mark this node's data Outdated.
     Outdate {
         /// Resource name.
@@ -230,6 +241,8 @@ fn main() -> ExitCode {
         Verb::Connect { resource } => simple(&resource, "connect", false),
         Verb::Disconnect { resource } => simple(&resource, "disconnect", false),
         Verb::Outdate { resource } => simple(&resource, "outdate", false),
+        Verb::Detach { resource } => simple(&resource, "detach", false),
+        Verb::Attach { resource } => simple(&resource, "attach", false),
         Verb::Role { resource } => simple(&resource, "role", false),
         Verb::Cstate { resource } => simple(&resource, "cstate", false),
         Verb::Dstate { resource } => simple(&resource, "dstate", false),
