@@ -235,7 +235,19 @@ pub fn run(args: DemoArgs) -> Result<(), String> {
                 .enable_all()
                 .build()
             {
-                let _ = rt.block_on(tokio::signal::ctrl_c());
+                rt.block_on(async {
+                    use tokio::signal::unix::{signal, SignalKind};
+                    // Ctrl-C, or a supervisor's SIGTERM: stop the nodes in order.
+                    match signal(SignalKind::terminate()) {
+                        Ok(mut term) => tokio::select! {
+                            _ = tokio::signal::ctrl_c() => {}
+                            _ = term.recv() => {}
+                        },
+                        Err(_) => {
+                            let _ = tokio::signal::ctrl_c().await;
+                        }
+                    }
+                });
                 stop.store(true, std::sync::atomic::Ordering::Relaxed);
             }
         });
