@@ -992,3 +992,59 @@ fn detach_and_attach_the_secondary_disk() {
     let err = pair.refused(Beta, &["primary", RES]);
     assert!(err.contains("peer is Primary"), "{err}");
 }
+
+/// `events`: the current state first (`exists` … `exists-end`), then one
+/// JSON line per change — what an HA manager's monitor reads.
+#[test]
+fn events_dump_then_stream_changes() {
+    let pair = Pair::connected(PairOptions::default());
+    let now = pair.ok(Alpha, &["events", RES, "--now"]);
+    let lines: Vec<serde_json::Value> = now
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    assert_eq!(lines.len(), 2, "{now}");
+    assert_eq!(lines[0]["type"], "exists");
+    assert_eq!(lines[0]["resource"], RES);
+    assert_eq!(lines[0]["role"], "Primary");
+    assert_eq!(lines[0]["peer-role"], "Secondary");
+    assert_eq!(lines[0]["cstate"], "Connected");
+    assert_eq!(lines[0]["disk"], "UpToDate");
+    assert_eq!(lines[0]["peer-disk"], "UpToDate");
+    assert_eq!(lines[1]["type"], "exists-end");
+
+    let mut stream = Command::new(common::tandem_bin())
+        .arg("--config-dir")
+        .arg(pair.config_dir(Alpha))
+        .args(["--node", "alpha", "--run-dir"])
+        .arg(pair.run_dir(Alpha))
+        .args(["events", RES])
+        .stdout(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let (tx, rx) = mpsc::channel();
+    let out = stream.stdout.take().unwrap();
+    std::thread::spawn(move || {
+        for line in BufReader::new(out).lines() {
+            let Ok(line) = line else { break };
+            if tx.send(line).is_err() {
+                break;
+            }
+        }
+    });
+    let next = |what: &str| -> serde_json::Value {
+        let line = rx
+            .recv_timeout(Duration::from_secs(10))
+            .unwrap_or_else(|_| panic!("no events line ({what})"));
+        serde_json::from_str(&line).unwrap()
+    };
+    assert_eq!(next("exists")["type"], "exists");
+    assert_eq!(next("exists-end")["type"], "exists-end");
+    pair.ok(Alpha, &["secondary", RES]);
+    let change = next("role change");
+    assert_eq!(change["type"], "change", "{change}");
+    assert_eq!(change["role"], "Secondary", "{change}");
+    assert!(change["time"].as_str().unwrap().ends_with('Z'), "{change}");
+    let _ = stream.kill();
+    let _ = stream.wait();
+}
