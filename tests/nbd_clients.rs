@@ -553,22 +553,7 @@ fn nbdcopy_multi_connection_round_trip() {
 /// Run one fio job against `uri` and return its JSON output after checking
 /// that it succeeded without errors.
 fn fio(dir: &Path, uri: &str, name: &str, args: &[&str]) -> String {
-    require_tool("fio");
-    let out = run_ok(
-        Command::new("fio")
-            .current_dir(dir)
-            .arg(format!("--name={name}"))
-            .args(["--ioengine=nbd", &format!("--uri={uri}")])
-            .args([
-                "--verify=crc32c",
-                "--do_verify=1",
-                "--verify_fatal=1",
-                "--verify_state_save=0",
-                "--randseed=4242",
-                "--output-format=json",
-            ])
-            .args(args),
-    );
+    let out = run_ok(common::fio_verify(dir, uri, name).args(args));
     let json = String::from_utf8_lossy(&out.stdout).into_owned();
     assert_eq!(json_u64(&json, "error"), 0, "fio job {name}:\n{json}");
     json

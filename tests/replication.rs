@@ -150,21 +150,8 @@ fn nbd_flush(uri: &str) {
 /// The common fio options: nbd engine, crc32c verification of every block
 /// written, JSON report to `out`.
 fn fio_command(dir: &Path, uri: &str, name: &str, out: &Path, args: &[&str]) -> Command {
-    require_tool("fio");
-    let mut cmd = Command::new("fio");
-    cmd.current_dir(dir)
-        .arg(format!("--name={name}"))
-        .args(["--ioengine=nbd", &format!("--uri={uri}")])
-        .args([
-            "--verify=crc32c",
-            "--do_verify=1",
-            "--verify_fatal=1",
-            "--verify_state_save=0",
-            "--randseed=4242",
-            "--output-format=json",
-        ])
-        .arg(format!("--output={}", out.display()))
-        .args(args);
+    let mut cmd = common::fio_verify(dir, uri, name);
+    cmd.arg(format!("--output={}", out.display())).args(args);
     cmd
 }
 

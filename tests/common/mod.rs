@@ -150,6 +150,26 @@ impl Drop for Server {
     }
 }
 
+/// fio through NBD with the options every test shares: crc32c verification
+/// of every block written (fatal on mismatch), a fixed seed, JSON output.
+/// Callers add the job's own options.
+pub fn fio_verify(dir: &Path, uri: &str, name: &str) -> Command {
+    require_tool("fio");
+    let mut cmd = Command::new("fio");
+    cmd.current_dir(dir)
+        .arg(format!("--name={name}"))
+        .args(["--ioengine=nbd", &format!("--uri={uri}")])
+        .args([
+            "--verify=crc32c",
+            "--do_verify=1",
+            "--verify_fatal=1",
+            "--verify_state_save=0",
+            "--randseed=4242",
+            "--output-format=json",
+        ]);
+    cmd
+}
+
 /// Run a command to completion; panic with its output if it fails.
 pub fn run_ok(cmd: &mut Command) -> Output {
     let out = cmd

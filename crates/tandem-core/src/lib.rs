@@ -1296,18 +1296,7 @@ impl Core {
                     out.push(Action::Send(Packet::NegAck(seq)));
                     return;
                 }
-                if self.rx.queue.len() >= MAX_PEER_QUEUE {
-                    self.protocol_error("peer overran the receive queue", out);
-                    return;
-                }
-                if epoch != self.rx.epoch {
-                    self.protocol_error(
-                        &format!(
-                            "peer write in epoch {epoch} while epoch {} is open",
-                            self.rx.epoch
-                        ),
-                        out,
-                    );
+                if !self.frame_fits(epoch, "write", out) {
                     return;
                 }
                 if kind == WriteKind::Data {
@@ -1326,18 +1315,7 @@ impl Core {
                 self.drain_incoming(out);
             }
             Packet::Barrier { epoch, flush } => {
-                if self.rx.queue.len() >= MAX_PEER_QUEUE {
-                    self.protocol_error("peer overran the receive queue", out);
-                    return;
-                }
-                if epoch != self.rx.epoch {
-                    self.protocol_error(
-                        &format!(
-                            "peer barrier for epoch {epoch} while epoch {} is open",
-                            self.rx.epoch
-                        ),
-                        out,
-                    );
+                if !self.frame_fits(epoch, "barrier", out) {
                     return;
                 }
                 self.rx.epoch += 1;
@@ -1510,6 +1488,25 @@ impl Core {
                 }
             }
         }
+    }
+
+    /// A received write or barrier must belong to the open epoch (frames
+    /// arrive in order) and find room in the bounded receive queue;
+    /// otherwise the link is dropped as a protocol error.
+    fn frame_fits(&mut self, epoch: u64, what: &str, out: &mut Vec<Action>) -> bool {
+        if self.rx.queue.len() >= MAX_PEER_QUEUE {
+            self.protocol_error("peer overran the receive queue", out);
+            return false;
+        }
+        if epoch != self.rx.epoch {
+            let open = self.rx.epoch;
+            self.protocol_error(
+                &format!("peer {what} in epoch {epoch} while epoch {open} is open"),
+                out,
+            );
+            return false;
+        }
+        true
     }
 
     fn protocol_error(&mut self, why: &str, out: &mut Vec<Action>) {
