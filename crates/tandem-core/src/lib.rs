@@ -26,8 +26,12 @@
 #![cfg_attr(test, allow(clippy::unwrap_used))]
 
 pub mod gi;
+mod resync;
 mod state;
 
+pub use resync::{
+    OutOfSync, SyncProgress, SyncSide, RESYNC_REQUEST_MAX, RESYNC_SOURCE_QUEUE, RESYNC_WINDOW,
+};
 pub use state::{ConnState, DiskState, Protocol, Role};
 
 use std::collections::{BTreeMap, VecDeque};
@@ -68,6 +72,27 @@ pub enum OpId {
         link: u64,
         /// The epoch.
         epoch: u64,
+    },
+    /// SyncTarget: writing the source's data for request `id`.
+    Resync {
+        /// Link number.
+        link: u64,
+        /// The resync request.
+        id: u64,
+    },
+    /// SyncTarget: the flush before resynced ranges are acknowledged.
+    ResyncFlush {
+        /// Link number.
+        link: u64,
+        /// Flush number.
+        n: u64,
+    },
+    /// SyncSource: reading the range the peer's request `id` asked for.
+    ResyncRead {
+        /// Link number.
+        link: u64,
+        /// The peer's request id.
+        id: u64,
     },
 }
 
@@ -110,6 +135,8 @@ pub struct Report {
     pub gens: Generations,
     /// Its superblock flags.
     pub flags: u32,
+    /// Its out-of-sync bytes.
+    pub oos: u64,
 }
 
 /// A frame between the cores. The engine maps these to the wire format.
@@ -170,6 +197,57 @@ pub enum Packet {
     NewCurrentUuid {
         /// The generation both nodes now share.
         uuid: u64,
+    },
+    /// Start a resync now; `source`: the sender is SyncSource.
+    SyncStart {
+        /// The sender is SyncSource.
+        source: bool,
+        /// Every block travels.
+        full: bool,
+    },
+    /// The SyncSource's new bitmap generation, the target's new current.
+    SyncUuid {
+        /// The generation.
+        uuid: u64,
+    },
+    /// Part of the sender's bitmap, as byte ranges.
+    Bitmap(Vec<Range<u64>>),
+    /// The sender's bitmap is complete.
+    BitmapDone,
+    /// SyncTarget asks for a range.
+    RsRequest {
+        /// Request id.
+        id: u64,
+        /// Byte offset.
+        offset: u64,
+        /// Byte length.
+        len: u64,
+    },
+    /// SyncSource's data for a request (payload beside it, as for `Data`).
+    RsData {
+        /// Request id.
+        id: u64,
+        /// Byte offset.
+        offset: u64,
+        /// Byte length.
+        len: u64,
+    },
+    /// SyncSource could not read the request's range.
+    RsNegAck {
+        /// Request id.
+        id: u64,
+    },
+    /// SyncTarget has the range on stable storage.
+    RsAck {
+        /// Byte offset.
+        offset: u64,
+        /// Byte length.
+        len: u64,
+    },
+    /// `pause-sync` / `resume-sync` on the sender.
+    SyncPause {
+        /// Paused now.
+        paused: bool,
     },
 }
 
@@ -265,6 +343,27 @@ pub enum Action {
         /// Which operation.
         op: OpId,
     },
+    /// Read locally for the peer (keep the bytes for the `RsData` that
+    /// follows), then answer [`Event::LocalDone`].
+    LocalRead {
+        /// Which operation.
+        op: OpId,
+        /// Byte offset.
+        offset: u64,
+        /// Byte length.
+        len: u64,
+    },
+    /// These bytes are now identical on both nodes: clear their bits.
+    MarkInSync {
+        /// Byte range.
+        range: Range<u64>,
+    },
+    /// Send this node's whole bitmap (`Bitmap` frames, then `BitmapDone`).
+    SendBitmap,
+    /// Write the bitmap's changed pages to stable storage.
+    FlushBitmap,
+    /// A resync ended (the after-resync handlers run).
+    ResyncFinished,
     /// Send a frame on the current link.
     Send(Packet),
     /// Answer a client request.
@@ -324,6 +423,13 @@ pub struct Config {
     pub protocol: Protocol,
     /// Data size in bytes.
     pub size: u64,
+    /// Resync rate limit in bytes per second.
+    pub resync_rate: u64,
+    /// When nothing else decides the direction of a resync (equal
+    /// generations, both consistent, neither crashed nor Primary), the node
+    /// with this set is the source; the driver sets it on exactly one node
+    /// (the one whose name sorts first).
+    pub source_on_tie: bool,
 }
 
 /// What the metadata said when the disk was attached.
@@ -386,6 +492,10 @@ pub struct Counters {
     pub app_pending: u64,
     /// Epochs closed.
     pub epochs: u64,
+    /// Bytes of resync data sent.
+    pub resync_sent: u64,
+    /// Bytes of resync data received.
+    pub resync_received: u64,
 }
 
 // Conditions a client request waits for.
@@ -450,6 +560,11 @@ enum Incoming {
         epoch: u64,
         flush: bool,
     },
+    Resync {
+        id: u64,
+        offset: u64,
+        len: u64,
+    },
 }
 
 /// The receiving side of the link: applies the peer's writes in epoch
@@ -461,7 +576,7 @@ struct Receiver {
     /// change: a write of the old link still running must keep later
     /// overlapping writes (the new link's, or the client's after a
     /// promotion) from landing before it.
-    inflight: BTreeMap<(u64, u64), Range<u64>>,
+    inflight: BTreeMap<OpId, Range<u64>>,
     /// Writes applied in the epoch being received.
     epoch_writes: u32,
     /// An ordering barrier's flush is running for this (link, epoch):
@@ -511,6 +626,10 @@ pub struct Core {
     counters: Counters,
     /// A promotion waiting for the peer's answer: (token, force).
     promoting: Option<(u64, bool)>,
+    /// The resync on the current link.
+    sync: Option<resync::Sync>,
+    /// Out-of-sync bytes as of the driver's last [`Core::pump`].
+    local_oos: u64,
 }
 
 impl Core {
@@ -539,7 +658,8 @@ impl Core {
             unstable: BTreeMap::new(),
             rng: seed | 1,
             promoting: None,
-
+            sync: None,
+            local_oos: 0,
             counters: Counters::default(),
         }
     }
@@ -612,6 +732,7 @@ impl Core {
             size: self.cfg.size,
             gens: self.gens,
             flags: self.flags,
+            oos: self.local_oos,
         }
     }
 
@@ -684,6 +805,12 @@ impl Core {
         if matches!(self.disk, DiskState::Diskless | DiskState::Failed) {
             return Err(Refusal::Other("refusing to promote: no local disk".into()));
         }
+        if matches!(&self.sync, Some(s) if s.side == SyncSide::Target) {
+            return Err(Refusal::Other(
+                "refusing to promote: this node is the target of a running resync (disconnect first)"
+                    .into(),
+            ));
+        }
         Ok(())
     }
 
@@ -702,14 +829,18 @@ impl Core {
         if self.disk != DiskState::UpToDate {
             self.set_disk(DiskState::UpToDate, out);
         }
-        if connected && self.peer_disk != DiskState::UpToDate && !usable {
-            // Forced over a peer that may hold anything: all of it differs.
-            out.push(Action::MarkOutOfSync {
-                range: 0..self.cfg.size,
-            });
-        }
+        let overwrite_peer = connected && self.peer_disk != DiskState::UpToDate && !usable;
         self.role = Role::Primary;
         self.persist_flags(flags::PRIMARY_IND, 0, out);
+        if overwrite_peer && self.sync.is_none() {
+            // Forced over a peer that may hold anything (a never-synced
+            // pair): all of it differs, and the initial sync starts now.
+            out.push(Action::Send(Packet::SyncStart {
+                source: true,
+                full: true,
+            }));
+            self.begin_sync(SyncSide::Source, true, out);
+        }
         self.send_state(out);
     }
 
@@ -772,6 +903,7 @@ impl Core {
                 "refusing to detach: this node is Primary (demote it first)".into(),
             ));
         }
+        self.no_sync_running()?;
         if !(self.rx.inflight.is_empty()
             && self.rx.queue.is_empty()
             && self.rx.flushing.is_none()
@@ -842,6 +974,7 @@ impl Core {
                 if self.cstate.is_connected() && self.unstable.contains_key(&self.epoch) {
                     self.close_epoch(false, out);
                 }
+                self.sync_tick();
             }
             Event::Packet { link, packet } => {
                 if self.link == Some(link) {
@@ -913,8 +1046,14 @@ impl Core {
             // running or queued here; a newer client write must land after.
             let overlaps = |o: &Range<u64>| o.start < range.end && range.start < o.end;
             let peer_conflict = self.rx.inflight.values().any(overlaps)
+                || self
+                    .sync
+                    .as_ref()
+                    .is_some_and(|s| s.reads.values().any(overlaps))
                 || self.rx.queue.iter().any(|i| match i {
-                    Incoming::Write { offset, len, .. } => overlaps(&(*offset..offset + len)),
+                    Incoming::Write { offset, len, .. } | Incoming::Resync { offset, len, .. } => {
+                        overlaps(&(*offset..offset + len))
+                    }
                     Incoming::Barrier { .. } => false,
                 });
             if conflict || peer_conflict {
@@ -1055,6 +1194,7 @@ impl Core {
         self.counters.local_pending = self.counters.local_pending.saturating_sub(1);
         match op {
             OpId::Client(req) => {
+                let mut poisoned = None;
                 let Some(r) = self.reqs.get_mut(&req) else {
                     return;
                 };
@@ -1064,7 +1204,10 @@ impl Core {
                     // The peer may have written what this disk could not:
                     // the replicas differ there.
                     if let Some(range) = r.range() {
-                        out.push(Action::MarkOutOfSync { range });
+                        out.push(Action::MarkOutOfSync {
+                            range: range.clone(),
+                        });
+                        poisoned = Some(range);
                     }
                 }
                 if let (true, ReqKind::Write { len, kind, .. }) = (ok, &r.kind) {
@@ -1072,11 +1215,24 @@ impl Core {
                         self.counters.disk_written += len;
                     }
                 }
+                if let Some(range) = poisoned {
+                    self.poison_served(&range);
+                }
                 self.finish(req, out);
                 self.start_waiting(out);
+                self.start_rs_reads(out);
             }
+            OpId::Resync { link, .. } => {
+                if let Some(range) = self.rx.inflight.remove(&op) {
+                    self.rs_write_done(link, range, ok, out);
+                }
+                self.drain_incoming(out);
+                self.start_waiting(out);
+            }
+            OpId::ResyncFlush { link, n } => self.rs_flush_done(link, n, ok, out),
+            OpId::ResyncRead { link, id } => self.rs_read_done(link, id, ok, out),
             OpId::Peer { link, seq } => {
-                if let Some(range) = self.rx.inflight.remove(&(link, seq)) {
+                if let Some(range) = self.rx.inflight.remove(&op) {
                     self.counters.disk_written += range.end - range.start;
                     if self.link == Some(link) {
                         out.push(Action::Send(if ok {
@@ -1088,6 +1244,7 @@ impl Core {
                 }
                 self.drain_incoming(out);
                 self.start_waiting(out);
+                self.start_rs_reads(out);
             }
             OpId::PeerBarrier { link, epoch } if self.rx.stabilizing.remove(&(link, epoch)) => {
                 if self.link == Some(link) {
@@ -1227,6 +1384,12 @@ impl Core {
         };
         self.peer_role = Role::Unknown;
         self.peer_disk = DiskState::DUnknown;
+        if let Some(s) = self.sync.take() {
+            out.push(Action::Log(format!(
+                "resync interrupted as {:?}; it resumes from the bitmap on the next connect",
+                s.side
+            )));
+        }
         if self.promoting.take().is_some() {
             out.push(Action::PromotionDone(Err(Refusal::Other(
                 "refusing to promote: the link to the peer dropped while asking it; try again"
@@ -1341,11 +1504,15 @@ impl Core {
             Packet::NegAck(seq) => {
                 if let Some(req) = self.tl.remove(&seq) {
                     if let Some(r) = self.reqs.get_mut(&req) {
-                        if let Some(range) = r.range() {
-                            out.push(Action::MarkOutOfSync { range });
-                        }
+                        let range = r.range();
                         r.pending &= !(WRITE_ACK | RECV_ACK | STABLE);
                         r.seq = None;
+                        if let Some(range) = range {
+                            out.push(Action::MarkOutOfSync {
+                                range: range.clone(),
+                            });
+                            self.poison_served(&range);
+                        }
                     }
                     self.finish(req, out);
                     self.start_waiting(out);
@@ -1412,6 +1579,15 @@ impl Core {
                     }
                 }
             }
+            p @ (Packet::SyncStart { .. }
+            | Packet::SyncUuid { .. }
+            | Packet::Bitmap(_)
+            | Packet::BitmapDone
+            | Packet::RsRequest { .. }
+            | Packet::RsData { .. }
+            | Packet::RsNegAck { .. }
+            | Packet::RsAck { .. }
+            | Packet::SyncPause { .. }) => self.sync_packet(p, out),
             Packet::NewCurrentUuid { uuid } => {
                 if self.gens.current == UUID_JUST_CREATED && self.role == Role::Secondary {
                     self.adopt_uuid(uuid, out);
@@ -1454,7 +1630,7 @@ impl Core {
                         return;
                     };
                     self.rx.queue.pop_front();
-                    self.rx.inflight.insert((link, seq), range);
+                    self.rx.inflight.insert(OpId::Peer { link, seq }, range);
                     self.rx.epoch_writes += 1;
                     self.counters.local_pending += 1;
                     out.push(Action::LocalWrite {
@@ -1463,6 +1639,31 @@ impl Core {
                         len,
                         kind,
                         fua,
+                    });
+                }
+                Incoming::Resync { id, offset, len } => {
+                    let range = offset..offset + len;
+                    let overlap = self
+                        .rx
+                        .inflight
+                        .values()
+                        .any(|o| o.start < range.end && range.start < o.end);
+                    if overlap {
+                        return;
+                    }
+                    let Some(link) = self.link else {
+                        return;
+                    };
+                    self.rx.queue.pop_front();
+                    let op = OpId::Resync { link, id };
+                    self.rx.inflight.insert(op, range);
+                    self.counters.local_pending += 1;
+                    out.push(Action::LocalWrite {
+                        op,
+                        offset,
+                        len,
+                        kind: WriteKind::Data,
+                        fua: false,
                     });
                 }
                 Incoming::Barrier { epoch, flush } => {
@@ -1567,6 +1768,11 @@ impl Core {
                 } else {
                     gi::compare(&self.gens, &report.gens)
                 };
+            let decision = if rule == gi::Rule::Equal && decision == gi::Decision::NoSync {
+                self.equal_direction(&report)
+            } else {
+                decision
+            };
             out.push(Action::Log(format!(
                 "generations: mine {}, peer {}: rule {}",
                 fmt_gens(&self.gens),
@@ -1594,27 +1800,25 @@ impl Core {
                         self.set_disk(DiskState::UpToDate, out);
                     }
                 }
-                gi::Decision::Source { full } => {
-                    if self.disk == DiskState::Consistent {
-                        self.set_disk(DiskState::UpToDate, out);
-                    }
-                    if full {
-                        out.push(Action::MarkOutOfSync {
-                            range: 0..self.cfg.size,
-                        });
-                    }
-                    out.push(Action::Log(
-                        "this node is ahead; the peer needs a resync".into(),
-                    ));
+                gi::Decision::Source { .. } if self.disk == DiskState::Inconsistent => {
+                    return self.refuse_peer(
+                        "the peer needs a resync but this node's data is Inconsistent too; refusing to connect (use primary --force on the node to keep)".into(),
+                        out,
+                    );
                 }
-                gi::Decision::Target { .. } => {
-                    if matches!(self.disk, DiskState::UpToDate | DiskState::Consistent) {
-                        self.set_disk(DiskState::Outdated, out);
-                    }
-                    out.push(Action::Log(
-                        "the peer is ahead; this node needs a resync".into(),
-                    ));
+                gi::Decision::Target { .. } if self.role == Role::Primary => {
+                    return self.refuse_peer(
+                        "the peer has newer data, but this node is Primary and cannot become SyncTarget; demote it first".into(),
+                        out,
+                    );
                 }
+                gi::Decision::Target { .. } if report.disk == DiskState::Inconsistent => {
+                    return self.refuse_peer(
+                        "this node needs a resync but the peer's data is Inconsistent; refusing to connect".into(),
+                        out,
+                    );
+                }
+                gi::Decision::Source { .. } | gi::Decision::Target { .. } => {}
             }
             self.cstate = ConnState::Connected;
             out.push(Action::PersistFlags {
@@ -1622,6 +1826,16 @@ impl Core {
                 clear: 0,
             });
             self.flags |= flags::CONNECTED_IND;
+            match decision {
+                gi::Decision::Source { full } => {
+                    if self.disk == DiskState::Consistent {
+                        self.set_disk(DiskState::UpToDate, out);
+                    }
+                    self.begin_sync(SyncSide::Source, full, out);
+                }
+                gi::Decision::Target { full } => self.begin_sync(SyncSide::Target, full, out),
+                _ => {}
+            }
             self.send_state(out);
         } else if report.role == Role::Primary && self.role == Role::Primary {
             out.push(Action::SplitBrain {
@@ -1642,7 +1856,52 @@ impl Core {
         }
         self.peer_role = report.role;
         self.peer_disk = report.disk;
+        let source_done = matches!(&self.sync, Some(s) if s.side == SyncSide::Source && s.running);
+        if !first && source_done && report.disk == DiskState::UpToDate {
+            self.finish_sync_source(out);
+        }
         self.start_waiting(out);
+    }
+
+    /// Equal current generations: a resync is needed only when either node
+    /// has bits set (a crashed Primary's activity log, a failed write) or
+    /// one is Inconsistent (an interrupted resync). The direction: the
+    /// consistent node; then the crashed Primary (its activity-log extents
+    /// may hold writes it acknowledged under protocol A); then the better
+    /// disk state; then the Primary; then the tie-breaker.
+    fn equal_direction(&self, peer: &Report) -> gi::Decision {
+        use DiskState::Inconsistent as I;
+        let source = gi::Decision::Source { full: false };
+        let target = gi::Decision::Target { full: false };
+        match (self.disk == I, peer.disk == I) {
+            (true, true) => return gi::Decision::NoSync,
+            (false, true) => return source,
+            (true, false) => return target,
+            (false, false) => {}
+        }
+        if self.local_oos == 0 && peer.oos == 0 {
+            return gi::Decision::NoSync;
+        }
+        let crashed = |f: u32| f & flags::CRASHED_PRIMARY != 0;
+        let rank = |d: DiskState| match d {
+            DiskState::UpToDate => 3,
+            DiskState::Consistent => 2,
+            _ => 1,
+        };
+        let me_first = if crashed(self.flags) != crashed(peer.flags) {
+            crashed(self.flags)
+        } else if rank(self.disk) != rank(peer.disk) {
+            rank(self.disk) > rank(peer.disk)
+        } else if self.role != peer.role {
+            self.role == Role::Primary
+        } else {
+            self.cfg.source_on_tie
+        };
+        if me_first {
+            source
+        } else {
+            target
+        }
     }
 
     fn send_state(&mut self, out: &mut Vec<Action>) {
@@ -1665,8 +1924,15 @@ impl Core {
 
     fn new_current_uuid(&mut self, out: &mut Vec<Action>) {
         let mut g = self.gens;
-        if g.current != UUID_JUST_CREATED && g.bitmap == 0 {
-            g.bitmap = g.current;
+        if g.current != UUID_JUST_CREATED {
+            if g.bitmap == 0 {
+                g.bitmap = g.current;
+            } else {
+                // The bitmap already tracks changes since an older
+                // generation (a superset); the current one must stay known
+                // so a peer still on it, or diverged from it, is related.
+                g.history = [g.current, g.history[0]];
+            }
         }
         g.current = self.fresh_uuid();
         self.gens = g;

@@ -59,6 +59,22 @@ named_enum!(
         WFReportParams,
         /// Replicating.
         Connected,
+        /// Resync starting, this node the source: exchanging bitmaps.
+        WFBitMapS,
+        /// Resync starting, this node the target: exchanging bitmaps.
+        WFBitMapT,
+        /// Resyncing, sending.
+        SyncSource,
+        /// Resyncing, receiving.
+        SyncTarget,
+        /// Resync paused (either node), this node the source.
+        PausedSyncS,
+        /// Resync paused (either node), this node the target.
+        PausedSyncT,
+        /// Online verify, this node comparing.
+        VerifyS,
+        /// Online verify, this node answering.
+        VerifyT,
     }
 );
 
@@ -101,6 +117,17 @@ named_enum!(
 impl ConnState {
     /// The link carries replication traffic in this state.
     pub fn is_connected(self) -> bool {
-        self == ConnState::Connected
+        matches!(
+            self,
+            ConnState::Connected
+                | ConnState::WFBitMapS
+                | ConnState::WFBitMapT
+                | ConnState::SyncSource
+                | ConnState::SyncTarget
+                | ConnState::PausedSyncS
+                | ConnState::PausedSyncT
+                | ConnState::VerifyS
+                | ConnState::VerifyT
+        )
     }
 }

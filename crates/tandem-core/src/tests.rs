@@ -28,6 +28,8 @@ impl Node {
             Config {
                 protocol,
                 size: SIZE,
+                resync_rate: 1 << 30,
+                source_on_tie: seed % 2 == 1,
             },
             attached,
             seed,
@@ -66,10 +68,12 @@ impl Node {
     }
 }
 
+/// The frames the actions send; `SendBitmap` is the driver's empty bitmap.
 fn sends(acts: &[Action]) -> Vec<Packet> {
     acts.iter()
         .filter_map(|a| match a {
             Action::Send(p) => Some(p.clone()),
+            Action::SendBitmap => Some(Packet::BitmapDone),
             _ => None,
         })
         .collect()
@@ -697,7 +701,8 @@ fn racing_promotions_make_one_primary() {
 
 /// `detach` on the Secondary: the Primary marks what it writes from then
 /// on and starts a new generation; after `attach` the renegotiated link
-/// finds the reattached disk behind (Outdated), never silently UpToDate.
+/// finds the reattached disk behind and resyncs it (Inconsistent
+/// SyncTarget), never silently UpToDate.
 #[test]
 fn detach_and_attach_on_the_secondary() {
     let (mut a, mut b) = pair(Protocol::C);
@@ -744,7 +749,8 @@ fn detach_and_attach_on_the_secondary() {
             a.feed(Event::Packet { link: 2, packet: p });
         }
     }
-    assert_eq!(b.core.cstate(), ConnState::Connected);
-    assert_eq!(b.core.disk(), DiskState::Outdated);
-    assert_eq!(a.core.peer_disk(), DiskState::Outdated);
+    assert_eq!(b.core.cstate(), ConnState::SyncTarget);
+    assert_eq!(a.core.cstate(), ConnState::SyncSource);
+    assert_eq!(b.core.disk(), DiskState::Inconsistent);
+    assert_eq!(a.core.peer_disk(), DiskState::Inconsistent);
 }

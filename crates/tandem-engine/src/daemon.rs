@@ -78,6 +78,8 @@ impl From<LinkEvent> for Input {
 
 enum Input {
     Client(ClientOp, oneshot::Sender<io::Result<()>>),
+    /// A local read for the peer finished (its bytes are kept for `RsData`).
+    ReadDone(OpId, io::Result<Bytes>),
     Core(Event),
     Link(LinkEvent),
     Admin(Request, oneshot::Sender<Response>),
@@ -286,7 +288,12 @@ async fn run_async(opts: DaemonOptions, ready: impl FnOnce()) -> Result<(), Stri
             .unwrap_or([7; 8]),
     );
     let mut core = Core::new(
-        tandem_core::Config { protocol, size },
+        tandem_core::Config {
+            protocol,
+            size,
+            resync_rate: cfg.disk.resync_rate,
+            source_on_tie: me.name < peer.name,
+        },
         Attached {
             gens: md.generations(),
             flags: md.flags(),
@@ -428,6 +435,10 @@ async fn run_async(opts: DaemonOptions, ready: impl FnOnce()) -> Result<(), Stri
         next_req: 1,
         clients: HashMap::new(),
         peer_payloads: HashMap::new(),
+        rs_out: HashMap::new(),
+        rs_in: HashMap::new(),
+        sync_side: None,
+        sync_rate: (Instant::now(), 0, 0),
         link: None,
         last_rx: Instant::now(),
         timeout: cfg.net.timeout,
@@ -675,6 +686,15 @@ struct Actor {
     clients: HashMap<ReqId, (ClientPayload, oneshot::Sender<io::Result<()>>)>,
     /// Payloads of received writes, until they are written locally.
     peer_payloads: HashMap<u64, Bytes>,
+    /// Resync data read for the peer, by request id, until sent.
+    rs_out: HashMap<u64, Bytes>,
+    /// Resync data received, by request id, until written.
+    rs_in: HashMap<u64, Bytes>,
+    /// The side of the resync running after the last batch.
+    sync_side: Option<tandem_core::SyncSide>,
+    /// Resync speed: (when, resync bytes moved then) at the last sample,
+    /// and the bytes per second measured over the last seconds.
+    sync_rate: (Instant, u64, u64),
     link: Option<LinkHandle>,
     last_rx: Instant,
     timeout: Duration,
@@ -807,6 +827,21 @@ impl Actor {
             let Some(input) = input else { break };
             match input {
                 Input::Client(op, reply) => self.client(op, reply).await,
+                Input::ReadDone(op, r) => {
+                    let ok = match (op, r) {
+                        (OpId::ResyncRead { id, .. }, Ok(data)) => {
+                            self.counters_extra.disk_read += data.len() as u64;
+                            self.rs_out.insert(id, data);
+                            true
+                        }
+                        (_, Err(e)) => {
+                            error!("local read for the peer failed: {e}");
+                            false
+                        }
+                        _ => false,
+                    };
+                    self.feed(Event::LocalDone { op, ok }).await;
+                }
                 Input::Core(ev) => self.feed(ev).await,
                 Input::Link(ev) => self.link_event(ev).await,
                 Input::Admin(req, reply) if req.verb == "primary" => {
@@ -914,9 +949,28 @@ impl Actor {
     }
 
     async fn execute(&mut self, actions: Vec<Action>) {
-        for a in actions {
-            self.action(a).await;
+        let mut actions = actions;
+        // The core looks at the bitmap after every batch (resync requests,
+        // its end); what it asks for then is one more batch.
+        for _ in 0..64 {
+            for a in actions {
+                self.action(a).await;
+            }
+            let mut more = Vec::new();
+            match self.md.as_ref() {
+                Some(md) => self.core.pump(md.bitmap(), &mut more),
+                None => self.core.pump(&tandem_meta::Bitmap::new(0), &mut more),
+            }
+            if more.is_empty() {
+                break;
+            }
+            actions = more;
         }
+        let side = self.core.sync_progress().map(|p| p.side);
+        if side == Some(tandem_core::SyncSide::Target) && self.sync_side != side {
+            self.run_handler("before-resync-target");
+        }
+        self.sync_side = side;
         self.shared
             .primary
             .store(self.core.role() == Role::Primary, Ordering::Relaxed);
@@ -966,6 +1020,7 @@ impl Actor {
                         _ => None,
                     },
                     (OpId::Peer { seq, .. }, WriteKind::Data) => self.peer_payloads.remove(&seq),
+                    (OpId::Resync { id, .. }, WriteKind::Data) => self.rs_in.remove(&id),
                     _ => None,
                 };
                 if kind == WriteKind::Data && data.is_none() {
@@ -1057,6 +1112,48 @@ impl Actor {
                         .send(Input::Core(Event::LocalDone { op, ok: r.is_ok() }))
                         .await;
                 });
+            }
+            Action::LocalRead { op, offset, len } => {
+                let dev = match disk_of(&self.slot) {
+                    Ok(d) => d,
+                    Err(e) => {
+                        error!("local read at {offset}+{len}: {e}");
+                        self.internal.push_back(Event::LocalDone { op, ok: false });
+                        return;
+                    }
+                };
+                let tx = self.tx.clone();
+                tokio::spawn(async move {
+                    let r = match usize::try_from(len) {
+                        Ok(n) => dev.read(offset, n).await,
+                        Err(_) => Err(io::Error::other("read too long")),
+                    };
+                    let _ = tx.send(Input::ReadDone(op, r)).await;
+                });
+            }
+            Action::MarkInSync { range } => {
+                let Some(md) = self.md.as_mut() else { return };
+                if let Err(e) = md.set_in_sync(range) {
+                    error!("cannot mark in sync: {e}");
+                }
+            }
+            Action::SendBitmap => self.send_bitmap().await,
+            Action::FlushBitmap => {
+                let Some(md) = self.md.as_mut() else { return };
+                match md.flush_bitmap() {
+                    Ok(n) => self.counters_extra.bm_writes += n as u64,
+                    Err(e) => error!("cannot write the bitmap: {e}"),
+                }
+            }
+            Action::ResyncFinished => {
+                if self.sync_side == Some(tandem_core::SyncSide::Target) {
+                    self.run_handler("after-resync-target");
+                }
+                if let Some(md) = self.md.as_mut() {
+                    if let Err(e) = md.flush_bitmap() {
+                        error!("cannot write the bitmap: {e}");
+                    }
+                }
             }
             Action::Send(p) => self.send(p).await,
             Action::Complete { req, result } => {
@@ -1168,6 +1265,40 @@ impl Actor {
         true
     }
 
+    /// Our bitmap to the peer, as runs, then the end marker.
+    async fn send_bitmap(&mut self) {
+        let runs: Vec<(u64, u64)> = match self.md.as_ref() {
+            Some(md) => {
+                let bm = md.bitmap();
+                bm.dirty_ranges(0..bm.len())
+                    .map(|r| (r.start, r.end - r.start))
+                    .collect()
+            }
+            None => Vec::new(),
+        };
+        let Some(link) = &self.link else { return };
+        let tx = link.tx.clone();
+        let id = link.id;
+        for chunk in runs.chunks(tandem_wire::MAX_BITMAP_RUNS) {
+            let msg = tandem_wire::Message::Bitmap {
+                runs: chunk.to_vec(),
+            };
+            if tx.send(msg).await.is_err() {
+                self.internal.push_back(Event::LinkDown {
+                    link: id,
+                    cause: ConnState::BrokenPipe,
+                });
+                return;
+            }
+        }
+        if tx.send(tandem_wire::Message::BitmapDone).await.is_err() {
+            self.internal.push_back(Event::LinkDown {
+                link: id,
+                cause: ConnState::BrokenPipe,
+            });
+        }
+    }
+
     fn run_handler(&self, name: &str) {
         let Some(cmd) = self.handlers.get(name) else {
             return;
@@ -1199,7 +1330,7 @@ impl Actor {
         let Some(link) = &self.link else { return };
         use tandem_wire::Message as M;
         let msg = match p {
-            Packet::State(r) => M::ReportState(wire_report(&r, self.out_of_sync())),
+            Packet::State(r) => M::ReportState(wire_report(&r)),
             Packet::Data {
                 req,
                 seq,
@@ -1255,6 +1386,38 @@ impl Actor {
             Packet::NewCurrentUuid { uuid } => M::NewCurrentUuid { uuid },
             Packet::PromoteRequest { token } => M::PromoteRequest { token },
             Packet::PromoteReply { granted } => M::PromoteReply { granted },
+            Packet::SyncStart { source, full } => M::SyncStart { source, full },
+            Packet::SyncUuid { uuid } => M::SyncUuid { uuid },
+            Packet::Bitmap(runs) => M::Bitmap {
+                runs: runs
+                    .into_iter()
+                    .map(|r| (r.start / 4096, (r.end - r.start).div_ceil(4096)))
+                    .collect(),
+            },
+            Packet::BitmapDone => M::BitmapDone,
+            Packet::RsRequest { id, offset, len } => M::RsRequest {
+                id,
+                offset,
+                len: len as u32,
+            },
+            Packet::RsData { id, offset, .. } => {
+                let Some(data) = self.rs_out.remove(&id) else {
+                    error!("no data read for resync request {id}; dropping the link");
+                    let id = link.id;
+                    self.internal.push_back(Event::LinkDown {
+                        link: id,
+                        cause: ConnState::ProtocolError,
+                    });
+                    return;
+                };
+                M::RsData { id, offset, data }
+            }
+            Packet::RsNegAck { id } => M::RsNegAck { id },
+            Packet::RsAck { offset, len } => M::RsAck {
+                offset,
+                len: len as u32,
+            },
+            Packet::SyncPause { paused } => M::SyncPause { paused },
         };
         // The writer task's queue is bounded; waiting here is the back
         // pressure protocol A needs when the link is slower than the disk.
@@ -1280,6 +1443,8 @@ impl Actor {
                 self.link = Some(LinkHandle { id, tx });
                 self.last_rx = Instant::now();
                 self.peer_payloads.clear();
+                self.rs_in.clear();
+                self.rs_out.clear();
                 self.feed(Event::LinkUp { link: id }).await;
             }
             LinkEvent::Down { id, cause, reason } => {
@@ -1347,6 +1512,47 @@ impl Actor {
                     M::NewCurrentUuid { uuid } => Packet::NewCurrentUuid { uuid },
                     M::PromoteRequest { token } => Packet::PromoteRequest { token },
                     M::PromoteReply { granted } => Packet::PromoteReply { granted },
+                    M::SyncStart { source, full } => Packet::SyncStart { source, full },
+                    M::SyncUuid { uuid } => Packet::SyncUuid { uuid },
+                    M::Bitmap { runs } => {
+                        let mut v = Vec::with_capacity(runs.len());
+                        for (start, n) in runs {
+                            let range = start
+                                .checked_mul(4096)
+                                .zip(start.checked_add(n).and_then(|e| e.checked_mul(4096)));
+                            match range {
+                                Some((a, b)) => v.push(a..b),
+                                None => {
+                                    warn!("bitmap run {start}+{n} overflows; dropping the link");
+                                    self.link = None;
+                                    self.feed(Event::LinkDown {
+                                        link: id,
+                                        cause: ConnState::ProtocolError,
+                                    })
+                                    .await;
+                                    return;
+                                }
+                            }
+                        }
+                        Packet::Bitmap(v)
+                    }
+                    M::BitmapDone => Packet::BitmapDone,
+                    M::RsRequest { id, offset, len } => Packet::RsRequest {
+                        id,
+                        offset,
+                        len: len.into(),
+                    },
+                    M::RsData { id, offset, data } => {
+                        let len = data.len() as u64;
+                        self.rs_in.insert(id, data);
+                        Packet::RsData { id, offset, len }
+                    }
+                    M::RsNegAck { id } => Packet::RsNegAck { id },
+                    M::RsAck { offset, len } => Packet::RsAck {
+                        offset,
+                        len: len.into(),
+                    },
+                    M::SyncPause { paused } => Packet::SyncPause { paused },
                     // Liveness only (last_rx is updated above).
                     M::Ping | M::PingAck => return,
                     M::Disconnect { reason } => {
@@ -1380,6 +1586,14 @@ impl Actor {
 
     async fn tick(&mut self) {
         self.feed(Event::Tick).await;
+        let c = self.core.counters();
+        let moved = c.resync_sent + c.resync_received;
+        let (at, before, _) = self.sync_rate;
+        let dt = at.elapsed().as_secs_f64();
+        if dt >= 1.0 {
+            let rate = (moved.saturating_sub(before) as f64 / dt) as u64;
+            self.sync_rate = (Instant::now(), moved, rate);
+        }
         // DRBD's `timeout`: a peer that acknowledges nothing for this long
         // while writes wait on it is treated as gone.
         if let Some(l) = &self.link {
@@ -1452,6 +1666,20 @@ impl Actor {
             }
             "detach" => return self.detach().await,
             "attach" => return self.attach().await,
+            "invalidate" => match self.core.invalidate(&mut out) {
+                Ok(()) => Response::ok(""),
+                Err(e) => Response::refused(e.to_string()),
+            },
+            "invalidate-remote" => match self.core.invalidate_remote(&mut out) {
+                Ok(()) => Response::ok(""),
+                Err(e) => Response::refused(e.to_string()),
+            },
+            "pause-sync" | "resume-sync" => {
+                match self.core.pause_sync(req.verb == "pause-sync", &mut out) {
+                    Ok(()) => Response::ok(""),
+                    Err(e) => Response::refused(e.to_string()),
+                }
+            }
             "outdate" => match self.core.outdate(&mut out) {
                 Ok(()) => Response::ok(""),
                 Err(e) => Response::refused(e.to_string()),
@@ -1530,6 +1758,28 @@ impl Actor {
         ]
     }
 
+    /// `sync` of `status --json`: null when no resync runs.
+    fn sync_json(&self) -> serde_json::Value {
+        let Some(p) = self.core.sync_progress() else {
+            return serde_json::Value::Null;
+        };
+        let rate = self.sync_rate.2;
+        let done = if p.total == 0 {
+            1.0
+        } else {
+            1.0 - p.remaining as f64 / p.total as f64
+        };
+        json!({
+            "side": match p.side { tandem_core::SyncSide::Source => "source", tandem_core::SyncSide::Target => "target" },
+            "done-fraction": done,
+            "bytes-per-sec": rate,
+            "eta-sec": p.remaining.checked_div(rate),
+            "remaining-bytes": p.remaining,
+            "total-bytes": p.total,
+            "paused": p.paused,
+        })
+    }
+
     fn status_json(&self) -> serde_json::Value {
         let c = self.core.counters();
         let oos = self.out_of_sync();
@@ -1544,7 +1794,7 @@ impl Actor {
             "peer-disk": self.core.peer_disk().to_string(),
             "protocol": self.core.protocol().to_string(),
             "out-of-sync-bytes": oos,
-            "sync": serde_json::Value::Null,
+            "sync": self.sync_json(),
             "nbd-clients": self.nbd_stats.clients(),
             "current-uuid": format!("{:016X}", self.core.generations().current),
             "generations": fmt_gens(&self.core.generations()),
@@ -1555,7 +1805,7 @@ impl Actor {
                 "al": self.counters_extra.al_writes, "bm": self.counters_extra.bm_writes,
                 "lo": c.local_pending, "pe": c.peer_pending, "ua": c.unacked,
                 "ap": c.app_pending, "ep": c.epochs, "oos": kib(oos),
-                "resync-bytes-sent": 0, "resync-bytes-received": 0,
+                "resync-bytes-sent": c.resync_sent, "resync-bytes-received": c.resync_received,
             }
         })
     }
@@ -1563,8 +1813,34 @@ impl Actor {
     fn status_text(&self) -> String {
         let c = self.core.counters();
         let oos = self.out_of_sync();
+        let sync = match self.core.sync_progress() {
+            None => String::new(),
+            Some(p) => {
+                let done = if p.total == 0 {
+                    1.0
+                } else {
+                    1.0 - p.remaining as f64 / p.total as f64
+                };
+                let bar = (done * 20.0) as usize;
+                let rate = self.sync_rate.2;
+                let eta = p
+                    .remaining
+                    .checked_div(rate)
+                    .map_or_else(|| "?".to_string(), |s| format!("{s}s"));
+                format!(
+                    "\n    [{}>{}] sync'ed: {:.1}% ({}/{} KiB) speed: {} KiB/s eta: {eta}{}",
+                    "=".repeat(bar),
+                    ".".repeat(20 - bar.min(20)),
+                    done * 100.0,
+                    p.remaining / 1024,
+                    p.total / 1024,
+                    rate / 1024,
+                    if p.paused { " (paused)" } else { "" }
+                )
+            }
+        };
         format!(
-            "{res} role:{role}\n  disk:{disk}\n  {peer} role:{prole}\n    connection:{cs} peer-disk:{pdisk} protocol:{proto}\n    out-of-sync: {oos} KiB\n    ns:{ns} nr:{nr} dw:{dw} dr:{dr} al:{al} bm:{bm} lo:{lo} pe:{pe} ua:{ua} ap:{ap} ep:{ep} oos:{oos}\n    nbd-clients:{clients}",
+            "{res} role:{role}\n  disk:{disk}\n  {peer} role:{prole}\n    connection:{cs} peer-disk:{pdisk} protocol:{proto}\n    out-of-sync: {oos} KiB\n    ns:{ns} nr:{nr} dw:{dw} dr:{dr} al:{al} bm:{bm} lo:{lo} pe:{pe} ua:{ua} ap:{ap} ep:{ep} oos:{oos}{sync}\n    nbd-clients:{clients}",
             res = self.res,
             role = self.core.role(),
             disk = self.core.disk(),
@@ -1590,7 +1866,7 @@ impl Actor {
     }
 }
 
-fn wire_report(r: &tandem_core::Report, out_of_sync: u64) -> tandem_wire::StateReport {
+fn wire_report(r: &tandem_core::Report) -> tandem_wire::StateReport {
     use tandem_wire::{WireDisk, WireProtocol, WireRole};
     tandem_wire::StateReport {
         role: if r.role == Role::Primary {
@@ -1617,7 +1893,7 @@ fn wire_report(r: &tandem_core::Report, out_of_sync: u64) -> tandem_wire::StateR
         bitmap_uuid: r.gens.bitmap,
         history_uuids: r.gens.history,
         flags: r.flags,
-        out_of_sync,
+        out_of_sync: r.oos,
         discard_my_data: false,
     }
 }
@@ -1648,6 +1924,7 @@ fn core_report(r: &tandem_wire::StateReport) -> tandem_core::Report {
             history: r.history_uuids,
         },
         flags: r.flags,
+        oos: r.out_of_sync,
     }
 }
 

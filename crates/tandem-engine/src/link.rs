@@ -274,10 +274,7 @@ async fn establish<T: From<LinkEvent> + Send + 'static>(
             let mut msg = first;
             let closing = loop {
                 let closing = matches!(msg, Message::Disconnect { .. });
-                let big = match &msg {
-                    Message::Data { data, .. } if data.len() > 64 * 1024 => Some(data.clone()),
-                    _ => None,
-                };
+                let big = msg.payload().filter(|d| d.len() > 64 * 1024).cloned();
                 match big {
                     Some(payload) => {
                         tandem_wire::encode_head(&msg, &mut buf);

@@ -251,6 +251,8 @@ pub struct Stats {
     pub rogue_promotions: u64,
     pub split_brains: u64,
     pub repairs: u64,
+    /// Resyncs that finished.
+    pub resyncs: u64,
     pub al_busy: u64,
     /// Completions checked against the peer's receipt (B) or disk (C).
     pub peer_completion_checks: u64,
@@ -289,6 +291,7 @@ impl Stats {
             rogue_promotions,
             split_brains,
             repairs,
+            resyncs,
             al_busy,
             peer_completion_checks,
             peer_flush_checks,
@@ -307,7 +310,7 @@ impl fmt::Display for Stats {
             "runs {}, steps {}, writes {} submitted / {} completed / {} failed, flushes {}, \
              requests dropped by crashes {}, frames {}, link drops {}, link ups {}, connections {}, \
              daemon crashes {}, machine crashes {}, promotions {}, demotions {}, rogue promotions {}, \
-             split brains {}, repairs {}, AL busy {}, peer completion checks {}, peer flush checks {}, \
+             split brains {}, repairs {}, resyncs {}, AL busy {}, peer completion checks {}, peer flush checks {}, \
              split-brain checks {}, disk comparisons {} ({} differing blocks, all marked), \
              blocks marked by AL replay {}",
             self.runs,
@@ -328,6 +331,7 @@ impl fmt::Display for Stats {
             self.rogue_promotions,
             self.split_brains,
             self.repairs,
+            self.resyncs,
             self.al_busy,
             self.peer_completion_checks,
             self.peer_flush_checks,
@@ -429,6 +433,15 @@ enum LocalWhat {
         value: u64,
         fua: bool,
     },
+    /// A resync write: each block gets the source's content.
+    WriteBlocks {
+        first: u64,
+        values: Vec<u64>,
+    },
+    /// A resync read for the peer.
+    Read {
+        blocks: Range<u64>,
+    },
     Flush,
 }
 
@@ -463,6 +476,10 @@ struct Node {
     applied: BTreeSet<u64>,
     /// (link, seq) -> write id of received data frames.
     rx_payload: BTreeMap<(u64, u64), u64>,
+    /// (link, resync id) -> block contents read for the peer.
+    rs_out: BTreeMap<(u64, u64), Vec<u64>>,
+    /// (link, resync id) -> block contents received from the peer.
+    rs_in: BTreeMap<(u64, u64), Vec<u64>>,
     /// The link the core is on (WFReportParams or Connected), as far as the
     /// sim can tell.
     core_link: Option<u64>,
@@ -498,6 +515,8 @@ impl Node {
             received: BTreeSet::new(),
             applied: BTreeSet::new(),
             rx_payload: BTreeMap::new(),
+            rs_out: BTreeMap::new(),
+            rs_in: BTreeMap::new(),
             core_link: None,
             acked: BTreeMap::new(),
             done: Vec::new(),
@@ -521,6 +540,8 @@ impl Node {
         self.seq_req.clear();
         self.neg_acked.clear();
         self.rx_payload.clear();
+        self.rs_out.clear();
+        self.rs_in.clear();
         self.core_link = None;
         self.done.clear();
         self.gen_needed = false;
@@ -703,6 +724,8 @@ impl Sim {
             Config {
                 protocol: self.opts.protocol,
                 size: SIZE,
+                resync_rate: 1 << 40,
+                source_on_tie: n == 0,
             },
             attached,
             self.rng.next_u64(),
@@ -731,14 +754,14 @@ impl Sim {
         core.handle(ev.clone(), &mut acts);
         let post = core.cstate();
         let role = core.role();
-        if !matches!(post, ConnState::Connected | ConnState::WFReportParams) {
+        if !(post.is_connected() || post == ConnState::WFReportParams) {
             node.core_link = None;
         }
-        if pre == ConnState::Connected && post != ConnState::Connected && role == Role::Primary {
+        if pre.is_connected() && !post.is_connected() && role == Role::Primary {
             // Invariant 5: the writes from now on are a generation the peer lacks.
             node.gen_needed = true;
         }
-        let live = if post == ConnState::Connected {
+        let live = if post.is_connected() {
             node.core_link
         } else {
             None
@@ -751,6 +774,20 @@ impl Sim {
             .collect();
         self.note(|| format!("n{n} <- {ev:?}  [{pre} -> {post}]"));
         self.exec_all(n, acts.clone(), &lost)?;
+        // The core looks at the bitmap after every batch, as the engine's
+        // driver lets it.
+        for _ in 0..64 {
+            let mut more = Vec::new();
+            let node = &mut self.nodes[n];
+            let (Some(core), Some(md)) = (node.core.as_mut(), node.md.as_ref()) else {
+                break;
+            };
+            core.pump(md.bitmap(), &mut more);
+            if more.is_empty() {
+                break;
+            }
+            self.exec_all(n, more, &lost)?;
+        }
         self.check_lost_writes_marked(n, &lost)?;
         self.post_event_checks()?;
         Ok(acts)
@@ -812,8 +849,31 @@ impl Sim {
                             }
                         }
                     }
-                    OpId::PeerBarrier { .. } => {
-                        return Err(self.fail(Check::Driver, "a local write with a barrier id"))
+                    OpId::Resync { link, id } => {
+                        let Some(values) = self.nodes[n].rs_in.remove(&(link, id)) else {
+                            return Err(self.fail(
+                                Check::Driver,
+                                format!("resync write {id} was never received on link {link}"),
+                            ));
+                        };
+                        if values.len() as u64 != blocks.end - blocks.start {
+                            return Err(self.fail(Check::Driver, "resync payload size"));
+                        }
+                        let ready_at = self.io_delay();
+                        self.nodes[n].local.push(LocalOp {
+                            op,
+                            what: LocalWhat::WriteBlocks {
+                                first: blocks.start,
+                                values,
+                            },
+                            ready_at,
+                        });
+                        return Ok(());
+                    }
+                    OpId::PeerBarrier { .. }
+                    | OpId::ResyncFlush { .. }
+                    | OpId::ResyncRead { .. } => {
+                        return Err(self.fail(Check::Driver, "a local write with a non-write id"))
                     }
                 };
                 let ready_at = self.io_delay();
@@ -830,6 +890,41 @@ impl Sim {
                     what: LocalWhat::Flush,
                     ready_at,
                 });
+            }
+            Action::LocalRead { op, offset, len } => {
+                let ready_at = self.io_delay();
+                self.nodes[n].local.push(LocalOp {
+                    op,
+                    what: LocalWhat::Read {
+                        blocks: blocks_of(offset, len),
+                    },
+                    ready_at,
+                });
+            }
+            Action::MarkInSync { range } => {
+                let r = self.md(n).set_in_sync(range);
+                self.meta(r)?;
+            }
+            Action::SendBitmap => {
+                let bm = self.md_ref(n).bitmap();
+                let runs: Vec<Range<u64>> = bm
+                    .dirty_ranges(0..bm.len())
+                    .map(|r| r.start * BLOCK..r.end * BLOCK)
+                    .collect();
+                for chunk in runs.chunks(64) {
+                    self.send(n, Packet::Bitmap(chunk.to_vec()));
+                }
+                self.send(n, Packet::BitmapDone);
+            }
+            Action::FlushBitmap => {
+                let r = self.md(n).flush_bitmap();
+                self.meta(r)?;
+            }
+            Action::ResyncFinished => {
+                self.stats.resyncs += 1;
+                for x in &mut self.nodes {
+                    x.wrote_apart = false;
+                }
             }
             Action::Send(p) => self.send(n, p),
             Action::Complete { req, result } => self.on_complete(n, req, result.is_ok(), lost)?,
@@ -911,6 +1006,10 @@ impl Sim {
             if up {
                 node.replicated.insert(req, l);
             }
+        }
+        if let (Packet::RsData { id, .. }, true) = (&p, up) {
+            let values = self.nodes[n].rs_out.remove(&(l, *id)).unwrap_or_default();
+            self.nodes[1 - n].rs_in.insert((l, *id), values);
         }
         if up {
             self.fifo[n].push_back(p);
@@ -1060,6 +1159,29 @@ impl Sim {
                     self.nodes[n].local_done.insert(req);
                 }
             }
+            LocalWhat::WriteBlocks { first, values } => {
+                if self.opts.disk_error > 0 && self.rng.chance(self.opts.disk_error) {
+                    ok = false;
+                } else {
+                    for (i, v) in values.into_iter().enumerate() {
+                        let b = first + i as u64;
+                        let node = &mut self.nodes[n];
+                        node.disk.write(b..b + 1, v, false);
+                        // The source's data replaces ours, including writes
+                        // this node acknowledged that the newer generation
+                        // lacks (protocol A after a failover).
+                        if node.acked.get(&b).is_some_and(|&a| a > v) {
+                            node.acked.insert(b, v);
+                        }
+                    }
+                }
+            }
+            LocalWhat::Read { blocks } => {
+                if let OpId::ResyncRead { link, id } = op.op {
+                    let values = blocks.map(|b| self.nodes[n].disk.read(b)).collect();
+                    self.nodes[n].rs_out.insert((link, id), values);
+                }
+            }
             LocalWhat::Flush => {
                 if self.opts.sabotage != Some(Sabotage::FlushIsNoop) {
                     self.nodes[n].disk.flush();
@@ -1113,7 +1235,7 @@ impl Sim {
 
     fn sub_link(&self, n: usize) -> Option<u64> {
         let node = &self.nodes[n];
-        if node.cstate() == Some(ConnState::Connected) {
+        if node.cstate().is_some_and(ConnState::is_connected) {
             node.core_link
         } else {
             None
@@ -1204,7 +1326,7 @@ impl Sim {
             && self.link == sub_link
             && self.nodes[n].core_link == sub_link
             && self.nodes[1 - n].core_link == sub_link
-            && self.nodes[n].cstate() == Some(ConnState::Connected)
+            && self.nodes[n].cstate().is_some_and(ConnState::is_connected)
     }
 
     fn on_complete(&mut self, n: usize, req: ReqId, ok: bool, lost: &[ReqId]) -> R {
@@ -1503,9 +1625,15 @@ impl Sim {
         let source = match primaries[..] {
             [p] => p,
             [_, _] => self.rng.index(2),
-            _ => (0..2)
-                .find(|&n| self.nodes[n].core.as_ref().map(Core::disk) == Some(DiskState::UpToDate))
-                .unwrap_or_else(|| self.rng.index(2)),
+            // An interrupted resync's target holds a mix: never the source.
+            _ => [
+                DiskState::UpToDate,
+                DiskState::Consistent,
+                DiskState::Outdated,
+            ]
+            .iter()
+            .find_map(|d| (0..2).find(|&n| self.nodes[n].core.as_ref().map(Core::disk) == Some(*d)))
+            .unwrap_or_else(|| self.rng.index(2)),
         };
         let target = 1 - source;
         let src_disk = self.nodes[source].disk.clone();

@@ -47,6 +47,19 @@ mod kind {
     pub const PING: u16 = 0x0030;
     pub const PING_ACK: u16 = 0x0031;
     pub const DISCONNECT: u16 = 0x0032;
+    pub const SYNC_START: u16 = 0x0040;
+    pub const SYNC_UUID: u16 = 0x0041;
+    pub const BITMAP: u16 = 0x0042;
+    pub const BITMAP_DONE: u16 = 0x0043;
+    pub const RS_REQUEST: u16 = 0x0044;
+    pub const RS_DATA: u16 = 0x0045;
+    pub const RS_NEG_ACK: u16 = 0x0046;
+    pub const RS_IN_SYNC: u16 = 0x0047;
+    pub const RS_ACK: u16 = 0x0048;
+    pub const CSUM_REQUEST: u16 = 0x0049;
+    pub const OV_REQUEST: u16 = 0x004A;
+    pub const OV_REPLY: u16 = 0x004B;
+    pub const SYNC_PAUSE: u16 = 0x004C;
 }
 
 /// Largest `Hello` body. `Hello` is the one frame whose layout must survive
@@ -59,6 +72,10 @@ const STRING_LIMIT: usize = 2 + MAX_STRING;
 const DATA_FIXED: usize = 8 + 8 + 8 + 1 + 1 + 4;
 const TRIM_BODY: usize = 8 * 4 + 3;
 const REPORT_STATE_BODY: usize = 4 + 4 + 8 * 6;
+const BITMAP_LIMIT: usize = 4 + 16 * crate::MAX_BITMAP_RUNS;
+const RS_DATA_FIXED: usize = 16;
+/// `id`, `offset`, digest count, then the digests.
+const DIGESTS_LIMIT: usize = 8 + 8 + 4 + 4 * crate::MAX_RESYNC_BLOCKS;
 
 /// Name and largest body of each known frame type; `None` for unknown ones.
 fn kind_info(kind: u16) -> Option<(&'static str, usize)> {
@@ -82,6 +99,19 @@ fn kind_info(kind: u16) -> Option<(&'static str, usize)> {
         kind::PING => ("Ping", 0),
         kind::PING_ACK => ("PingAck", 0),
         kind::DISCONNECT => ("Disconnect", STRING_LIMIT),
+        kind::SYNC_START => ("SyncStart", 2),
+        kind::SYNC_UUID => ("SyncUuid", 8),
+        kind::BITMAP => ("Bitmap", BITMAP_LIMIT),
+        kind::BITMAP_DONE => ("BitmapDone", 0),
+        kind::RS_REQUEST => ("RsRequest", 20),
+        kind::RS_DATA => ("RsData", RS_DATA_FIXED + MAX_DATA),
+        kind::RS_NEG_ACK => ("RsNegAck", 8),
+        kind::RS_IN_SYNC => ("RsInSync", 20),
+        kind::RS_ACK => ("RsAck", 12),
+        kind::CSUM_REQUEST => ("CsumRequest", DIGESTS_LIMIT),
+        kind::OV_REQUEST => ("OvRequest", 20),
+        kind::OV_REPLY => ("OvReply", DIGESTS_LIMIT),
+        kind::SYNC_PAUSE => ("SyncPause", 1),
         _ => return None,
     })
 }
@@ -107,6 +137,19 @@ fn kind_of(msg: &Message) -> u16 {
         Message::Ping => kind::PING,
         Message::PingAck => kind::PING_ACK,
         Message::Disconnect { .. } => kind::DISCONNECT,
+        Message::SyncStart { .. } => kind::SYNC_START,
+        Message::SyncUuid { .. } => kind::SYNC_UUID,
+        Message::Bitmap { .. } => kind::BITMAP,
+        Message::BitmapDone => kind::BITMAP_DONE,
+        Message::RsRequest { .. } => kind::RS_REQUEST,
+        Message::RsData { .. } => kind::RS_DATA,
+        Message::RsNegAck { .. } => kind::RS_NEG_ACK,
+        Message::RsInSync { .. } => kind::RS_IN_SYNC,
+        Message::RsAck { .. } => kind::RS_ACK,
+        Message::CsumRequest { .. } => kind::CSUM_REQUEST,
+        Message::OvRequest { .. } => kind::OV_REQUEST,
+        Message::OvReply { .. } => kind::OV_REPLY,
+        Message::SyncPause { .. } => kind::SYNC_PAUSE,
     }
 }
 
@@ -217,6 +260,17 @@ fn body_len(msg: &Message) -> usize {
         | Message::NegAck { .. } => 8,
         Message::Barrier { .. } => 9,
         Message::BarrierAck { .. } => 12,
+        Message::SyncStart { .. } => 2,
+        Message::SyncUuid { .. } | Message::RsNegAck { .. } => 8,
+        Message::Bitmap { runs } => 4 + 16 * runs.len(),
+        Message::BitmapDone => 0,
+        Message::RsRequest { .. } | Message::RsInSync { .. } | Message::OvRequest { .. } => 20,
+        Message::RsData { data, .. } => RS_DATA_FIXED + data.len(),
+        Message::RsAck { .. } => 12,
+        Message::CsumRequest { digests, .. } | Message::OvReply { digests, .. } => {
+            20 + 4 * digests.len()
+        }
+        Message::SyncPause { .. } => 1,
     }
 }
 
@@ -230,7 +284,7 @@ fn body_len(msg: &Message) -> usize {
 pub fn encode(msg: &Message, out: &mut BytesMut) {
     out.reserve(HEADER_LEN + body_len(msg));
     encode_head(msg, out);
-    if let Message::Data { data, .. } = msg {
+    if let Some(data) = msg.payload() {
         out.put_slice(data);
     }
 }
@@ -238,11 +292,20 @@ pub fn encode(msg: &Message, out: &mut BytesMut) {
 /// Append the header and body of `msg`, except a `Data` payload, which the
 /// caller appends (or writes separately, to avoid copying it).
 pub fn encode_head(msg: &Message, out: &mut BytesMut) {
-    if let Message::Data { data, .. } = msg {
+    if let Some(data) = msg.payload() {
         assert!(
             data.len() <= MAX_DATA,
             "Data payload of {} bytes exceeds MAX_DATA",
             data.len()
+        );
+    }
+    if let Message::Bitmap { runs } = msg {
+        assert!(runs.len() <= crate::MAX_BITMAP_RUNS, "too many bitmap runs");
+    }
+    if let Message::CsumRequest { digests, .. } | Message::OvReply { digests, .. } = msg {
+        assert!(
+            digests.len() <= crate::MAX_RESYNC_BLOCKS,
+            "too many digests"
         );
     }
     let len = body_len(msg);
@@ -325,6 +388,54 @@ pub fn encode_head(msg: &Message, out: &mut BytesMut) {
             out.put_u64_le(*epoch);
             out.put_u32_le(*writes);
         }
+        Message::SyncStart { source, full } => {
+            out.put_u8(u8::from(*source));
+            out.put_u8(u8::from(*full));
+        }
+        Message::SyncUuid { uuid: v } | Message::RsNegAck { id: v } => out.put_u64_le(*v),
+        Message::Bitmap { runs } => {
+            // Bounded by MAX_BITMAP_RUNS (asserted above).
+            out.put_u32_le(runs.len() as u32);
+            for (start, n) in runs {
+                out.put_u64_le(*start);
+                out.put_u64_le(*n);
+            }
+        }
+        Message::BitmapDone => {}
+        Message::RsRequest { id, offset, len }
+        | Message::RsInSync { id, offset, len }
+        | Message::OvRequest { id, offset, len } => {
+            out.put_u64_le(*id);
+            out.put_u64_le(*offset);
+            out.put_u32_le(*len);
+        }
+        Message::RsData { id, offset, .. } => {
+            out.put_u64_le(*id);
+            out.put_u64_le(*offset);
+        }
+        Message::RsAck { offset, len } => {
+            out.put_u64_le(*offset);
+            out.put_u32_le(*len);
+        }
+        Message::CsumRequest {
+            id,
+            offset,
+            digests,
+        }
+        | Message::OvReply {
+            id,
+            offset,
+            digests,
+        } => {
+            out.put_u64_le(*id);
+            out.put_u64_le(*offset);
+            // Bounded by MAX_RESYNC_BLOCKS (asserted above).
+            out.put_u32_le(digests.len() as u32);
+            for d in digests {
+                out.put_u32_le(*d);
+            }
+        }
+        Message::SyncPause { paused } => out.put_u8(u8::from(*paused)),
     }
 }
 
@@ -599,9 +710,89 @@ fn decode_body(kind: u16, b: &mut Body) -> Result<Message, WireError> {
         kind::DISCONNECT => Message::Disconnect {
             reason: b.string("reason")?,
         },
+        kind::SYNC_START => Message::SyncStart {
+            source: b.bool("source")?,
+            full: b.bool("full")?,
+        },
+        kind::SYNC_UUID => Message::SyncUuid {
+            uuid: b.u64("uuid")?,
+        },
+        kind::BITMAP => {
+            let n = b.u32("runs")?;
+            // The header limit bounds the body, so a count beyond what it
+            // can hold is refused before anything is allocated.
+            if n as usize > crate::MAX_BITMAP_RUNS || b.buf.len() != 16 * n as usize {
+                return Err(b.invalid("runs", n.into()));
+            }
+            let mut runs = Vec::with_capacity(n as usize);
+            for _ in 0..n {
+                runs.push((b.u64("run start")?, b.u64("run length")?));
+            }
+            Message::Bitmap { runs }
+        }
+        kind::BITMAP_DONE => Message::BitmapDone,
+        kind::RS_REQUEST => Message::RsRequest {
+            id: b.u64("id")?,
+            offset: b.u64("offset")?,
+            len: b.u32("len")?,
+        },
+        kind::RS_DATA => Message::RsData {
+            id: b.u64("id")?,
+            offset: b.u64("offset")?,
+            data: std::mem::take(&mut b.buf),
+        },
+        kind::RS_NEG_ACK => Message::RsNegAck { id: b.u64("id")? },
+        kind::RS_IN_SYNC => Message::RsInSync {
+            id: b.u64("id")?,
+            offset: b.u64("offset")?,
+            len: b.u32("len")?,
+        },
+        kind::RS_ACK => Message::RsAck {
+            offset: b.u64("offset")?,
+            len: b.u32("len")?,
+        },
+        kind::CSUM_REQUEST => {
+            let (id, offset, digests) = digests(b)?;
+            Message::CsumRequest {
+                id,
+                offset,
+                digests,
+            }
+        }
+        kind::OV_REQUEST => Message::OvRequest {
+            id: b.u64("id")?,
+            offset: b.u64("offset")?,
+            len: b.u32("len")?,
+        },
+        kind::OV_REPLY => {
+            let (id, offset, digests) = digests(b)?;
+            Message::OvReply {
+                id,
+                offset,
+                digests,
+            }
+        }
+        kind::SYNC_PAUSE => Message::SyncPause {
+            paused: b.bool("paused")?,
+        },
         // parse_header only lets known kinds through.
         other => return Err(WireError::UnknownType(other)),
     })
+}
+
+/// `id`, `offset` and a counted list of crc32c digests.
+fn digests(b: &mut Body) -> Result<(u64, u64, Vec<u32>), WireError> {
+    let id = b.u64("id")?;
+    let offset = b.u64("offset")?;
+    let n = b.u32("digests")?;
+    if n as usize > crate::MAX_RESYNC_BLOCKS || b.buf.len() != 4 * n as usize {
+        return Err(b.invalid("digests", n.into()));
+    }
+    let mut v = Vec::with_capacity(n as usize);
+    for _ in 0..n {
+        v.push(b.u32("digest")?);
+    }
+    Ok((id, offset, v))
 }
 
 #[cfg(test)]
@@ -698,6 +889,52 @@ mod tests {
                 fua: true,
             },
             Message::RecvAck { seq: 10 },
+            Message::SyncStart {
+                source: true,
+                full: false,
+            },
+            Message::SyncUuid { uuid: 0xfeed },
+            Message::Bitmap {
+                runs: vec![(0, 1), (7, 1 << 40)],
+            },
+            Message::Bitmap { runs: vec![] },
+            Message::BitmapDone,
+            Message::RsRequest {
+                id: 9,
+                offset: 1 << 20,
+                len: 1 << 20,
+            },
+            Message::RsData {
+                id: 9,
+                offset: 1 << 20,
+                data: Bytes::from(vec![3u8; 8192]),
+            },
+            Message::RsNegAck { id: 4 },
+            Message::RsInSync {
+                id: 5,
+                offset: 4096,
+                len: 8192,
+            },
+            Message::RsAck {
+                offset: 8192,
+                len: 4096,
+            },
+            Message::CsumRequest {
+                id: 6,
+                offset: 0,
+                digests: vec![1, 2, 3],
+            },
+            Message::OvRequest {
+                id: 7,
+                offset: 0,
+                len: 4096,
+            },
+            Message::OvReply {
+                id: 7,
+                offset: 0,
+                digests: vec![],
+            },
+            Message::SyncPause { paused: true },
             Message::WriteAck { seq: 11 },
             Message::NegAck { seq: 12 },
             Message::Barrier {
@@ -746,7 +983,7 @@ mod tests {
             assert!(limit <= MAX_BODY);
             seen.insert(k);
         }
-        assert_eq!(seen.len(), 19, "samples cover every type");
+        assert_eq!(seen.len(), 32, "samples cover every type");
     }
 
     #[test]

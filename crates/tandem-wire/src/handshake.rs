@@ -388,7 +388,7 @@ mod tests {
             write_message(
                 &mut bw,
                 &Message::Hello {
-                    version: 1,
+                    version: PROTOCOL_VERSION,
                     resource: "r0".into(),
                     node: "beta".into(),
                 },
@@ -444,7 +444,7 @@ mod tests {
             write_message(
                 &mut bw,
                 &Message::Hello {
-                    version: 1,
+                    version: PROTOCOL_VERSION,
                     resource,
                     node: "beta".into(),
                 },
@@ -542,7 +542,7 @@ mod tests {
             write_message(
                 &mut bw,
                 &Message::Hello {
-                    version: 2,
+                    version: PROTOCOL_VERSION + 1,
                     resource: "r0".into(),
                     node: "beta".into(),
                 },
@@ -556,15 +556,27 @@ mod tests {
         let (res, (hello, bye)) = tokio::join!(handshake(&mut ar, &mut aw, &a), newer);
         let err = res.unwrap_err();
         assert!(
-            matches!(err, HandshakeError::VersionMismatch { ours: 1, theirs: 2 }),
+            matches!(
+                err,
+                HandshakeError::VersionMismatch {
+                    ours: PROTOCOL_VERSION,
+                    theirs: 3
+                }
+            ),
             "{err}"
         );
-        assert!(err.to_string().contains("version 2"), "{err}");
-        assert!(matches!(hello, Some(Message::Hello { version: 1, .. })));
+        assert!(err.to_string().contains("version 3"), "{err}");
+        assert!(matches!(
+            hello,
+            Some(Message::Hello {
+                version: PROTOCOL_VERSION,
+                ..
+            })
+        ));
         assert_eq!(
             bye,
             Some(Message::Disconnect {
-                reason: "alpha speaks wire protocol version 1, not 2".into()
+                reason: "alpha speaks wire protocol version 2, not 3".into()
             })
         );
     }

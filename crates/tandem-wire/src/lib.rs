@@ -21,7 +21,14 @@ pub use stream::{write_message, FrameReader};
 
 /// Version of this protocol. A node refuses a peer whose `Hello` carries a
 /// different version: mixing versions is never silently attempted.
-pub const PROTOCOL_VERSION: u16 = 1;
+pub const PROTOCOL_VERSION: u16 = 2;
+
+/// Most bitmap runs in one `Bitmap` frame.
+pub const MAX_BITMAP_RUNS: usize = 4096;
+
+/// Most 4 KiB blocks one resync or verify request covers (1 MiB), and so
+/// the most digests in one `OvReply` / `CsumRequest`.
+pub const MAX_RESYNC_BLOCKS: usize = 256;
 
 /// Largest data payload in one frame (matches the NBD server's maximum payload).
 pub const MAX_DATA: usize = 32 << 20;
@@ -212,6 +219,101 @@ pub enum Message {
         /// Why the sender is closing.
         reason: String,
     },
+    /// Start a resync now (after `invalidate`, `invalidate-remote` or a
+    /// forced promotion while connected).
+    SyncStart {
+        /// The sender becomes SyncSource (else SyncTarget).
+        source: bool,
+        /// Every block travels.
+        full: bool,
+    },
+    /// The SyncSource's new bitmap generation: the SyncTarget takes it as
+    /// its current generation, so an interrupted resync resumes from the
+    /// bitmap instead of starting over.
+    SyncUuid {
+        /// The generation.
+        uuid: u64,
+    },
+    /// Part of the sender's out-of-sync bitmap, as runs of 4 KiB blocks.
+    Bitmap {
+        /// `(first block, number of blocks)`, at most [`MAX_BITMAP_RUNS`].
+        runs: Vec<(u64, u64)>,
+    },
+    /// The sender's whole bitmap has been sent.
+    BitmapDone,
+    /// The SyncTarget asks for a range.
+    RsRequest {
+        /// Request id, echoed in the reply.
+        id: u64,
+        /// Byte offset.
+        offset: u64,
+        /// Byte length, at most [`MAX_RESYNC_BLOCKS`] blocks.
+        len: u32,
+    },
+    /// The SyncSource's data for a request.
+    RsData {
+        /// The request id.
+        id: u64,
+        /// Byte offset.
+        offset: u64,
+        /// The bytes.
+        data: bytes::Bytes,
+    },
+    /// The SyncSource could not read the range.
+    RsNegAck {
+        /// The request id.
+        id: u64,
+    },
+    /// The range is identical on both nodes (checksum-based resync).
+    RsInSync {
+        /// The request id.
+        id: u64,
+        /// Byte offset.
+        offset: u64,
+        /// Byte length.
+        len: u32,
+    },
+    /// The SyncTarget wrote (and flushed) a resynced range: the source may
+    /// clear its bits.
+    RsAck {
+        /// Byte offset.
+        offset: u64,
+        /// Byte length.
+        len: u32,
+    },
+    /// Checksum-based resync: the target's crc32c of every 4 KiB block of
+    /// the range; the source sends only the blocks that differ.
+    CsumRequest {
+        /// Request id.
+        id: u64,
+        /// Byte offset.
+        offset: u64,
+        /// One digest per 4 KiB block.
+        digests: Vec<u32>,
+    },
+    /// Online verify: the VerifyS asks for the target's digests of a range.
+    OvRequest {
+        /// Request id.
+        id: u64,
+        /// Byte offset.
+        offset: u64,
+        /// Byte length.
+        len: u32,
+    },
+    /// The VerifyT's crc32c of every 4 KiB block of the requested range.
+    OvReply {
+        /// Request id.
+        id: u64,
+        /// Byte offset.
+        offset: u64,
+        /// One digest per block; empty when the target could not read.
+        digests: Vec<u32>,
+    },
+    /// `pause-sync` / `resume-sync` on the sender.
+    SyncPause {
+        /// Paused now.
+        paused: bool,
+    },
 }
 
 impl Message {
@@ -237,6 +339,28 @@ impl Message {
             Message::Ping => "Ping",
             Message::PingAck => "PingAck",
             Message::Disconnect { .. } => "Disconnect",
+            Message::SyncStart { .. } => "SyncStart",
+            Message::SyncUuid { .. } => "SyncUuid",
+            Message::Bitmap { .. } => "Bitmap",
+            Message::BitmapDone => "BitmapDone",
+            Message::RsRequest { .. } => "RsRequest",
+            Message::RsData { .. } => "RsData",
+            Message::RsNegAck { .. } => "RsNegAck",
+            Message::RsInSync { .. } => "RsInSync",
+            Message::RsAck { .. } => "RsAck",
+            Message::CsumRequest { .. } => "CsumRequest",
+            Message::OvRequest { .. } => "OvRequest",
+            Message::OvReply { .. } => "OvReply",
+            Message::SyncPause { .. } => "SyncPause",
+        }
+    }
+
+    /// The bulk payload written after the header (`Data`, `RsData`), which
+    /// writers send without copying it into a frame buffer.
+    pub fn payload(&self) -> Option<&bytes::Bytes> {
+        match self {
+            Message::Data { data, .. } | Message::RsData { data, .. } => Some(data),
+            _ => None,
         }
     }
 }

@@ -88,10 +88,13 @@ pub async fn write_message<W: AsyncWrite + Unpin>(
 ) -> Result<(), WireError> {
     let mut buf = BytesMut::new();
     match msg {
-        Message::Data { data, .. } if data.len() > MAX_DATA => {
-            return Err(WireError::PayloadTooLarge { len: data.len() });
+        _ if msg.payload().is_some_and(|d| d.len() > MAX_DATA) => {
+            return Err(WireError::PayloadTooLarge {
+                len: msg.payload().map_or(0, |d| d.len()),
+            });
         }
-        Message::Data { data, .. } if data.len() > COPY_LIMIT => {
+        _ if msg.payload().is_some_and(|d| d.len() > COPY_LIMIT) => {
+            let data = msg.payload().map(|d| d.as_ref()).unwrap_or_default();
             encode_head(msg, &mut buf);
             w.write_all(&buf).await?;
             w.write_all(data).await?;

@@ -122,6 +122,26 @@ enum Verb {
         #[arg(long)]
         clear_bitmap: bool,
     },
+    /// Resync this node's whole device from the peer.
+    Invalidate {
+        /// Resource name.
+        resource: String,
+    },
+    /// Resync the peer's whole device from this node.
+    InvalidateRemote {
+        /// Resource name.
+        resource: String,
+    },
+    /// Pause the running resync.
+    PauseSync {
+        /// Resource name.
+        resource: String,
+    },
+    /// Resume a paused resync.
+    ResumeSync {
+        /// Resource name.
+        resource: String,
+    },
     /// Give up the local disk (Secondary only): the metadata is closed
     /// cleanly and the disk released; the peer marks what it writes.
     Detach {
@@ -242,6 +262,10 @@ fn main() -> ExitCode {
         Verb::Disconnect { resource } => simple(&resource, "disconnect", false),
         Verb::Outdate { resource } => simple(&resource, "outdate", false),
         Verb::Detach { resource } => simple(&resource, "detach", false),
+        Verb::Invalidate { resource } => simple(&resource, "invalidate", false),
+        Verb::InvalidateRemote { resource } => simple(&resource, "invalidate-remote", false),
+        Verb::PauseSync { resource } => simple(&resource, "pause-sync", false),
+        Verb::ResumeSync { resource } => simple(&resource, "resume-sync", false),
         Verb::Attach { resource } => simple(&resource, "attach", false),
         Verb::Role { resource } => simple(&resource, "role", false),
         Verb::Cstate { resource } => simple(&resource, "cstate", false),

@@ -269,7 +269,7 @@ impl Sim {
     pub(super) fn check_split_brain_reported(&mut self, n: usize, acts: &[Action]) -> R {
         self.stats.split_brain_checks += 1;
         let reported = acts.iter().any(|a| matches!(a, Action::SplitBrain { .. }));
-        let connected = self.nodes[n].cstate() == Some(ConnState::Connected);
+        let connected = self.nodes[n].cstate().is_some_and(ConnState::is_connected);
         if !reported || connected {
             return Err(self.fail(
                 Check::SplitBrainNeverSilent,
