@@ -20,9 +20,10 @@ mod common;
 #[path = "common/pair.rs"]
 mod pair;
 
-use common::{pseudo_random, require_tool, run_ok};
+use common::{pseudo_random, require_tool};
 use pair::{
-    run_with_timeout, stderr_of, stdout_of, Alpha, Beta, Pair, PairOptions, MIB, RES, STATE_TIMEOUT,
+    assert_same_range, counter, nbdsh, run_with_timeout, stderr_of, stdout_of, u64_field, Alpha,
+    Beta, Pair, PairOptions, MIB, RES, STATE_TIMEOUT,
 };
 
 use std::io::{BufRead, BufReader, Read, Write};
@@ -42,74 +43,6 @@ const TOOL_TIMEOUT: Duration = Duration::from_secs(600);
 // Helpers
 // ---------------------------------------------------------------------------
 
-/// PATH with /usr/bin first: Debian's libnbd Python module is installed for
-/// the system interpreter, which another python3 (pyenv, venv) may shadow.
-fn system_path() -> String {
-    format!("/usr/bin:{}", std::env::var("PATH").unwrap_or_default())
-}
-
-/// The first offset in `[start, end)` at which the two files differ (a file
-/// that ends early reads as differing there).
-fn first_difference(a: &Path, b: &Path, start: u64, end: u64) -> Option<u64> {
-    const CHUNK: u64 = 4 * MIB;
-    let fa = std::fs::File::open(a).unwrap();
-    let fb = std::fs::File::open(b).unwrap();
-    let mut ba = vec![0u8; CHUNK as usize];
-    let mut bb = vec![0u8; CHUNK as usize];
-    let mut pos = start;
-    while pos < end {
-        let n = CHUNK.min(end - pos) as usize;
-        let ra = read_up_to(&fa, &mut ba[..n], pos);
-        let rb = read_up_to(&fb, &mut bb[..n], pos);
-        if ra != rb || ba[..ra] != bb[..rb] {
-            let i = ba[..ra.min(rb)]
-                .iter()
-                .zip(&bb[..ra.min(rb)])
-                .position(|(x, y)| x != y)
-                .unwrap_or(ra.min(rb));
-            return Some(pos + i as u64);
-        }
-        pos += n as u64;
-    }
-    None
-}
-
-/// Read into `buf` at `off` until it is full or the file ends; the count.
-fn read_up_to(f: &std::fs::File, buf: &mut [u8], off: u64) -> usize {
-    let mut done = 0;
-    while done < buf.len() {
-        match f.read_at(&mut buf[done..], off + done as u64).unwrap() {
-            0 => break,
-            n => done += n,
-        }
-    }
-    done
-}
-
-/// `len` bytes of `path` at `off`, zero-padded past its end (for messages).
-fn bytes_at(path: &Path, off: u64, len: usize) -> Vec<u8> {
-    let f = std::fs::File::open(path).unwrap();
-    let mut buf = vec![0u8; len];
-    let n = read_up_to(&f, &mut buf, off);
-    buf.truncate(n);
-    buf
-}
-
-/// Fail with the first differing offset (and the bytes there) if the files
-/// differ anywhere in `[start, end)`.
-fn assert_same_range(a: &Path, b: &Path, start: u64, end: u64, what: &str) {
-    if let Some(off) = first_difference(a, b, start, end) {
-        panic!(
-            "{what}: {} and {} differ in [{start}, {end}); first difference at byte {off} (0x{off:x}, {} MiB): {:02x?} vs {:02x?}",
-            a.display(),
-            b.display(),
-            off / MIB,
-            bytes_at(a, off, 16),
-            bytes_at(b, off, 16)
-        );
-    }
-}
-
 /// A file of `size` bytes (sparse) holding `parts` (offset, bytes).
 fn image_file(path: &Path, size: u64, parts: &[(u64, &[u8])]) {
     let f = std::fs::File::create(path).unwrap();
@@ -128,17 +61,6 @@ fn nbdinfo(args: &[&str]) -> std::process::Output {
         .args(args)
         .output()
         .unwrap()
-}
-
-/// `nbdsh -u URI -c SCRIPT`, which must succeed; its stdout.
-fn nbdsh(uri: &str, script: &str) -> String {
-    require_tool("nbdsh");
-    let out = run_ok(
-        Command::new("nbdsh")
-            .env("PATH", system_path())
-            .args(["-u", uri, "-c", script]),
-    );
-    String::from_utf8_lossy(&out.stdout).into_owned()
 }
 
 /// An NBD flush on a fresh connection.
@@ -297,18 +219,6 @@ impl HeldClient {
             std::thread::sleep(Duration::from_millis(20));
         }
     }
-}
-
-fn u64_field(v: &serde_json::Value, key: &str) -> u64 {
-    v[key]
-        .as_u64()
-        .unwrap_or_else(|| panic!("status --json: {key} is not a number:\n{v:#}"))
-}
-
-fn counter(v: &serde_json::Value, key: &str) -> u64 {
-    v["counters"][key]
-        .as_u64()
-        .unwrap_or_else(|| panic!("status --json: counters.{key} is not a number:\n{v:#}"))
 }
 
 // ---------------------------------------------------------------------------
@@ -973,9 +883,23 @@ fn detach_and_attach_the_secondary_disk() {
     let s = pair.status(Alpha);
     assert_eq!(s["out-of-sync-bytes"], 65536, "{s:#}");
     pair.ok(Beta, &["attach", RES]);
-    pair.wait_for(Beta, "cstate", "Connected", STATE_TIMEOUT);
-    pair.wait_for(Beta, "dstate", "Outdated/UpToDate", STATE_TIMEOUT);
-    pair.wait_for(Alpha, "dstate", "UpToDate/Outdated", STATE_TIMEOUT);
+    // The reattached disk is behind: it is resynced, only the block written
+    // meanwhile travels, and the replicas end identical.
+    pair.wait_for(Beta, "dstate", "UpToDate/UpToDate", STATE_TIMEOUT);
+    pair.wait_for(Alpha, "cstate", "Connected", STATE_TIMEOUT);
+    let s = pair.status(Alpha);
+    assert_eq!(s["out-of-sync-bytes"], 0, "{s:#}");
+    assert_eq!(counter(&s, "resync-bytes-sent"), 65536, "{s:#}");
+    pair.down(Beta);
+    assert_same_range(
+        &pair.disk(Alpha),
+        &pair.disk(Beta),
+        0,
+        pair.data_size(),
+        "after the resync of the reattached disk",
+    );
+    pair.up(Beta);
+    pair.wait_for(Beta, "dstate", "UpToDate/UpToDate", STATE_TIMEOUT);
     let err = pair.refused(Beta, &["primary", RES]);
     assert!(err.contains("peer is Primary"), "{err}");
 }

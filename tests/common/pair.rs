@@ -11,7 +11,8 @@
 //! the test is failing, the tail of both daemons' logs is printed.
 #![allow(dead_code, clippy::unwrap_used, clippy::expect_used)]
 
-use crate::common::{backing_file, tandem_bin};
+use crate::common::{backing_file, require_tool, run_ok, tandem_bin};
+use std::os::unix::fs::FileExt;
 
 use std::cell::RefCell;
 use std::collections::BTreeSet;
@@ -83,6 +84,8 @@ pub struct PairOptions {
     pub disk_size: u64,
     /// More `[net]` lines for both nodes.
     pub extra_net: &'static str,
+    /// `[disk]` lines for both nodes.
+    pub extra_disk: &'static str,
 }
 
 impl Default for PairOptions {
@@ -92,6 +95,7 @@ impl Default for PairOptions {
             secrets: [Some("tandem-test-secret"); 2],
             disk_size: 300 * MIB,
             extra_net: "",
+            extra_disk: "",
         }
     }
 }
@@ -106,6 +110,16 @@ pub fn free_port() -> u16 {
 /// daemon that `up` leaves behind may inherit them and would keep a pipe open
 /// forever), kill it and fail the test if it takes longer than `timeout`.
 pub fn run_with_timeout(cmd: &mut Command, scratch: &Path, timeout: Duration) -> Output {
+    try_run_with_timeout(cmd, scratch, timeout).unwrap_or_else(|e| panic!("{e}"))
+}
+
+/// [`run_with_timeout`] that reports a timeout instead of panicking (for
+/// cleanup, which must not panic while a failing test unwinds).
+pub fn try_run_with_timeout(
+    cmd: &mut Command,
+    scratch: &Path,
+    timeout: Duration,
+) -> Result<Output, String> {
     static SEQ: AtomicU64 = AtomicU64::new(0);
     let n = SEQ.fetch_add(1, Ordering::Relaxed);
     let out_path = scratch.join(format!("cmd-{n}.stdout"));
@@ -124,11 +138,11 @@ pub fn run_with_timeout(cmd: &mut Command, scratch: &Path, timeout: Duration) ->
         if Instant::now() > deadline {
             let _ = child.kill();
             let _ = child.wait();
-            panic!(
+            return Err(format!(
                 "{cmd:?} did not finish within {timeout:?}\nstdout:\n{}\nstderr:\n{}",
                 std::fs::read_to_string(&out_path).unwrap_or_default(),
                 std::fs::read_to_string(&err_path).unwrap_or_default()
-            );
+            ));
         }
         std::thread::sleep(Duration::from_millis(10));
     };
@@ -139,7 +153,7 @@ pub fn run_with_timeout(cmd: &mut Command, scratch: &Path, timeout: Duration) ->
     };
     let _ = std::fs::remove_file(&out_path);
     let _ = std::fs::remove_file(&err_path);
-    output
+    Ok(output)
 }
 
 /// `stdout`, trimmed.
@@ -272,6 +286,7 @@ impl Pair {
         let [ra, rb] = self.repl_ports;
         let [na, nb] = self.nbd_ports;
         let extra = self.opts.extra_net;
+        let disk = self.opts.extra_disk;
         format!(
             r#"protocol = "{protocol}"
 
@@ -281,6 +296,9 @@ ping-int = "1s"
 ping-timeout = "500ms"
 timeout = "2s"
 {extra}
+
+[disk]
+{disk}
 
 [[node]]
 name = "alpha"
@@ -362,6 +380,10 @@ nbd = "127.0.0.1:{nb}"
     }
 
     fn cli_timeout(&self, node: Node, args: &[&str], timeout: Duration) -> Output {
+        run_with_timeout(&mut self.cli_command(node, args), &self.scratch(), timeout)
+    }
+
+    fn cli_command(&self, node: Node, args: &[&str]) -> Command {
         let mut cmd = Command::new(tandem_bin());
         cmd.arg("--config-dir")
             .arg(self.config_dir(node))
@@ -373,7 +395,7 @@ nbd = "127.0.0.1:{nb}"
         if std::env::var_os("RUST_LOG").is_none() {
             cmd.env("RUST_LOG", "info");
         }
-        run_with_timeout(&mut cmd, &self.scratch(), timeout)
+        cmd
     }
 
     /// Run a verb that must succeed; returns its stdout.
@@ -556,7 +578,8 @@ impl Drop for Pair {
     fn drop(&mut self) {
         let running: Vec<Node> = self.running.borrow().iter().copied().collect();
         for node in running {
-            let _ = self.cli_timeout(node, &["down", RES, "--force"], Duration::from_secs(15));
+            let mut down = self.cli_command(node, &["down", RES, "--force"]);
+            let _ = try_run_with_timeout(&mut down, &self.scratch(), Duration::from_secs(15));
         }
         // Whatever is still alive (a hung `down`, a failed test): SIGKILL,
         // but only daemons this pair started (recorded after `up`, or named
@@ -575,4 +598,97 @@ impl Drop for Pair {
             eprintln!("{}", self.logs());
         }
     }
+}
+
+// Comparing replicas and reading status (shared by the end-to-end tests).
+
+/// PATH with /usr/bin first: Debian's libnbd Python module is installed for
+/// the system interpreter, which another python3 (pyenv, venv) may shadow.
+pub fn system_path() -> String {
+    format!("/usr/bin:{}", std::env::var("PATH").unwrap_or_default())
+}
+
+/// The first offset in `[start, end)` at which the two files differ (a file
+/// that ends early reads as differing there).
+pub fn first_difference(a: &Path, b: &Path, start: u64, end: u64) -> Option<u64> {
+    const CHUNK: u64 = 4 * MIB;
+    let fa = std::fs::File::open(a).unwrap();
+    let fb = std::fs::File::open(b).unwrap();
+    let mut ba = vec![0u8; CHUNK as usize];
+    let mut bb = vec![0u8; CHUNK as usize];
+    let mut pos = start;
+    while pos < end {
+        let n = CHUNK.min(end - pos) as usize;
+        let ra = read_up_to(&fa, &mut ba[..n], pos);
+        let rb = read_up_to(&fb, &mut bb[..n], pos);
+        if ra != rb || ba[..ra] != bb[..rb] {
+            let i = ba[..ra.min(rb)]
+                .iter()
+                .zip(&bb[..ra.min(rb)])
+                .position(|(x, y)| x != y)
+                .unwrap_or(ra.min(rb));
+            return Some(pos + i as u64);
+        }
+        pos += n as u64;
+    }
+    None
+}
+
+/// Read into `buf` at `off` until it is full or the file ends; the count.
+pub fn read_up_to(f: &std::fs::File, buf: &mut [u8], off: u64) -> usize {
+    let mut done = 0;
+    while done < buf.len() {
+        match f.read_at(&mut buf[done..], off + done as u64).unwrap() {
+            0 => break,
+            n => done += n,
+        }
+    }
+    done
+}
+
+/// `len` bytes of `path` at `off`, zero-padded past its end (for messages).
+pub fn bytes_at(path: &Path, off: u64, len: usize) -> Vec<u8> {
+    let f = std::fs::File::open(path).unwrap();
+    let mut buf = vec![0u8; len];
+    let n = read_up_to(&f, &mut buf, off);
+    buf.truncate(n);
+    buf
+}
+
+/// Fail with the first differing offset (and the bytes there) if the files
+/// differ anywhere in `[start, end)`.
+pub fn assert_same_range(a: &Path, b: &Path, start: u64, end: u64, what: &str) {
+    if let Some(off) = first_difference(a, b, start, end) {
+        panic!(
+            "{what}: {} and {} differ in [{start}, {end}); first difference at byte {off} (0x{off:x}, {} MiB): {:02x?} vs {:02x?}",
+            a.display(),
+            b.display(),
+            off / MIB,
+            bytes_at(a, off, 16),
+            bytes_at(b, off, 16)
+        );
+    }
+}
+
+/// `nbdsh -u URI -c SCRIPT`, which must succeed; its stdout.
+pub fn nbdsh(uri: &str, script: &str) -> String {
+    require_tool("nbdsh");
+    let out = run_ok(
+        Command::new("nbdsh")
+            .env("PATH", system_path())
+            .args(["-u", uri, "-c", script]),
+    );
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+pub fn u64_field(v: &serde_json::Value, key: &str) -> u64 {
+    v[key]
+        .as_u64()
+        .unwrap_or_else(|| panic!("status --json: {key} is not a number:\n{v:#}"))
+}
+
+pub fn counter(v: &serde_json::Value, key: &str) -> u64 {
+    v["counters"][key]
+        .as_u64()
+        .unwrap_or_else(|| panic!("status --json: counters.{key} is not a number:\n{v:#}"))
 }

@@ -989,7 +989,9 @@ impl Actor {
         match a {
             Action::AlBegin { req, range } => {
                 if self.al_retry.is_empty() {
-                    self.al_begin(req, range).await;
+                    if !self.al_begin(req, range.clone()).await {
+                        self.al_retry.push_back((req, range));
+                    }
                 } else {
                     // Keep AL requests in order behind those already waiting.
                     self.al_retry.push_back((req, range));
@@ -1217,7 +1219,8 @@ impl Actor {
     }
 
     /// Ask the activity log to cover `range`; false when every slot is
-    /// busy (the request is queued and retried as writes finish).
+    /// busy (the caller queues the request; it is retried as writes
+    /// finish).
     async fn al_begin(&mut self, req: ReqId, range: std::ops::Range<u64>) -> bool {
         let Some(md) = self.md.as_ref() else {
             error!("a write reached a node without a disk");
@@ -1249,7 +1252,8 @@ impl Actor {
         let ok = match md.begin_io(range.clone()) {
             Ok(true) => true,
             Ok(false) => {
-                self.al_retry.push_back((req, range));
+                // The caller queues the request (at the front when it was
+                // the head of the queue already).
                 // Slots held by writes waiting for the peer's barrier ack
                 // free up sooner if the epoch closes now.
                 self.internal.push_back(Event::Tick);

@@ -1,0 +1,249 @@
+//! End-to-end tests of resync: two real `tandem` daemons on loopback,
+//! driven through the CLI, real NBD clients writing to the Primary, the
+//! backing files compared byte for byte afterwards.
+//!
+//! What users rely on:
+//! 1. after an outage only what differs travels (the resync byte counters
+//!    equal the out-of-sync bytes), and the replicas end identical;
+//! 2. after `kill -9` of the Primary the resync is bounded by the activity
+//!    log, not the device;
+//! 3. `invalidate` resyncs the whole device, `pause-sync` / `resume-sync`
+//!    hold and continue it, and `status` shows its progress;
+//! 4. `primary --force` on a never-synced pair starts the initial sync.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+mod common;
+#[path = "common/pair.rs"]
+mod pair;
+
+use common::require_tool;
+use pair::{
+    assert_same_range, counter, nbdsh, u64_field, Alpha, Beta, Pair, PairOptions, MIB, RES,
+    STATE_TIMEOUT,
+};
+use std::process::{Command, Stdio};
+use std::time::Duration;
+
+/// A resync of a few hundred MiB through debug builds may take this long.
+const SYNC_TIMEOUT: Duration = Duration::from_secs(120);
+
+/// Both daemons down, then the data areas must be identical.
+fn assert_replicas_identical(pair: &Pair, what: &str) {
+    pair.down(Alpha);
+    pair.down(Beta);
+    assert_same_range(
+        &pair.disk(Alpha),
+        &pair.disk(Beta),
+        0,
+        pair.data_size(),
+        what,
+    );
+}
+
+/// Scattered writes through NBD: `count` writes of 4–64 KiB (not
+/// 4 KiB-aligned lengths half of the time) spread over the device;
+/// returns the bytes they cover, rounded out to 4 KiB blocks.
+fn scattered_writes(pair: &Pair, count: u64, seed: u64) -> u64 {
+    let size = pair.data_size();
+    let mut blocks = std::collections::BTreeSet::new();
+    let mut script = String::new();
+    let mut x = seed | 1;
+    for i in 0..count {
+        x ^= x << 13;
+        x ^= x >> 7;
+        x ^= x << 17;
+        let len = 4096 * (1 + x % 16) - if i % 2 == 0 { 100 } else { 0 };
+        let off = (x >> 20) % (size - 64 * 1024) / 512 * 512;
+        script.push_str(&format!(
+            "h.pwrite(bytes([{b}]) * {len}, {off})\n",
+            b = (i % 250) + 1
+        ));
+        for b in off / 4096..(off + len).div_ceil(4096) {
+            blocks.insert(b);
+        }
+    }
+    script.push_str("h.flush()\nprint('DONE')\n");
+    let out = nbdsh(&pair.nbd_uri(Alpha), &script);
+    assert!(out.contains("DONE"), "{out}");
+    blocks.len() as u64 * 4096
+}
+
+#[test]
+fn outage_then_resync_moves_only_the_dirty_blocks() {
+    require_tool("nbdsh");
+    let pair = Pair::connected(PairOptions::default());
+    // Some data both have.
+    scattered_writes(&pair, 40, 0x1234);
+    pair.wait_status(Alpha, "nothing pending", STATE_TIMEOUT, |s| {
+        counter(s, "pe") == 0
+    });
+
+    // The Secondary goes away; the Primary keeps writing.
+    pair.ok(Beta, &["disconnect", RES]);
+    pair.wait_for(Alpha, "cstate", "WFConnection", STATE_TIMEOUT);
+    let dirty = scattered_writes(&pair, 60, 0x9876);
+    let s = pair.status(Alpha);
+    assert_eq!(
+        u64_field(&s, "out-of-sync-bytes"),
+        dirty,
+        "the Primary marks exactly the blocks written without its peer:\n{s:#}"
+    );
+
+    // Back: the resync moves exactly those blocks.
+    pair.ok(Beta, &["connect", RES]);
+    pair.wait_for(Beta, "dstate", "UpToDate/UpToDate", SYNC_TIMEOUT);
+    pair.wait_for(Alpha, "dstate", "UpToDate/UpToDate", STATE_TIMEOUT);
+    pair.wait_for(Alpha, "cstate", "Connected", STATE_TIMEOUT);
+    let a = pair.status(Alpha);
+    let b = pair.status(Beta);
+    assert_eq!(counter(&a, "resync-bytes-sent"), dirty, "{a:#}");
+    assert_eq!(counter(&b, "resync-bytes-received"), dirty, "{b:#}");
+    assert_eq!(u64_field(&a, "out-of-sync-bytes"), 0, "{a:#}");
+    assert_eq!(u64_field(&b, "out-of-sync-bytes"), 0, "{b:#}");
+    assert!(a["sync"].is_null(), "no resync runs any more: {a:#}");
+    let log = pair.log(Beta);
+    assert!(
+        log.contains("rule my-bitmap-is-peer-current")
+            || log.contains("rule peer-bitmap-is-my-current"),
+        "the rule applied is logged by name:\n{log}"
+    );
+    assert_replicas_identical(&pair, "after the outage's resync");
+}
+
+#[test]
+fn kill_9_of_the_primary_resyncs_at_most_the_activity_log() {
+    require_tool("fio");
+    let pair = Pair::connected(PairOptions {
+        extra_disk: "al-extents = 7",
+        ..PairOptions::default()
+    });
+    let uri = pair.nbd_uri(Alpha);
+    // Random writes over 96 MiB: far more than 7 extents (28 MiB) are hot
+    // over time, so a resync of the whole written area would show. (With
+    // 7 slots nearly every write costs an activity-log transaction, so the
+    // load is slow; a few MiB are enough.)
+    let mut fio = Command::new("fio")
+        .args([
+            "--name=spread",
+            "--ioengine=nbd",
+            &format!("--uri={uri}"),
+            "--rw=randwrite",
+            "--bs=4k",
+            "--iodepth=8",
+            "--size=96m",
+            "--time_based",
+            "--runtime=30",
+        ])
+        .current_dir(pair.scratch())
+        .stdin(Stdio::null())
+        .stdout(std::fs::File::create(pair.scratch().join("fio.out")).unwrap())
+        .stderr(std::fs::File::create(pair.scratch().join("fio.err")).unwrap())
+        .spawn()
+        .unwrap();
+    let deadline = std::time::Instant::now() + Duration::from_secs(60);
+    while counter(&pair.status(Alpha), "dw") < 3 * 1024 {
+        assert!(
+            std::time::Instant::now() < deadline && fio.try_wait().unwrap().is_none(),
+            "fio did not write 3 MiB: {}{}",
+            std::fs::read_to_string(pair.scratch().join("fio.out")).unwrap_or_default(),
+            std::fs::read_to_string(pair.scratch().join("fio.err")).unwrap_or_default()
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    pair.kill9(Alpha);
+    let _ = fio.kill();
+    let _ = fio.wait();
+
+    // Beta stays Secondary (no HA manager here); alpha comes back.
+    pair.up(Alpha);
+    pair.wait_for(Alpha, "dstate", "UpToDate/UpToDate", SYNC_TIMEOUT);
+    pair.wait_for(Beta, "dstate", "UpToDate/UpToDate", SYNC_TIMEOUT);
+    pair.wait_for(Alpha, "cstate", "Connected", STATE_TIMEOUT);
+    let a = pair.status(Alpha);
+    let sent = counter(&a, "resync-bytes-sent");
+    assert!(
+        sent > 0 && sent <= 7 * 4 * MIB,
+        "the crashed Primary resyncs its activity-log extents only (at most 28 MiB), sent {sent}:\n{a:#}"
+    );
+    let log = pair.log(Alpha);
+    assert!(log.contains("rule current-equal"), "{log}");
+    assert_replicas_identical(&pair, "after the crashed Primary's resync");
+}
+
+#[test]
+fn invalidate_resyncs_everything_and_pause_holds_it() {
+    require_tool("nbdsh");
+    let pair = Pair::connected(PairOptions {
+        extra_disk: "resync-rate = \"20MiB\"",
+        ..PairOptions::default()
+    });
+    scattered_writes(&pair, 30, 0x55);
+    pair.wait_status(Alpha, "nothing pending", STATE_TIMEOUT, |s| {
+        counter(s, "pe") == 0
+    });
+    let err = pair.refused(Alpha, &["invalidate", RES]);
+    assert!(err.contains("Primary"), "{err}");
+    pair.ok(Beta, &["invalidate", RES]);
+    pair.ok(Beta, &["pause-sync", RES]);
+    pair.wait_for(Beta, "cstate", "PausedSyncT", STATE_TIMEOUT);
+    pair.wait_for(Alpha, "cstate", "PausedSyncS", STATE_TIMEOUT);
+    let s = pair.status(Beta);
+    assert_eq!(s["disk"], "Inconsistent", "{s:#}");
+    assert_eq!(s["sync"]["paused"], true, "{s:#}");
+    let held = counter(&s, "resync-bytes-received");
+    std::thread::sleep(Duration::from_millis(1500));
+    let s = pair.status(Beta);
+    assert_eq!(
+        counter(&s, "resync-bytes-received"),
+        held,
+        "nothing moves while paused:\n{s:#}"
+    );
+    let err = pair.refused(Beta, &["primary", RES, "--force"]);
+    assert!(err.contains("Primary") || err.contains("resync"), "{err}");
+    let text = pair.ok(Beta, &["status", RES]);
+    assert!(text.contains("sync'ed:"), "a progress bar:\n{text}");
+
+    pair.ok(Beta, &["resume-sync", RES]);
+    pair.wait_for(Beta, "cstate", "SyncTarget", STATE_TIMEOUT);
+    pair.wait_status(Beta, "progress and speed", STATE_TIMEOUT, |s| {
+        s["sync"]["done-fraction"].as_f64().is_some_and(|f| f > 0.0)
+            && s["sync"]["bytes-per-sec"].as_u64().is_some_and(|r| r > 0)
+    });
+    pair.wait_for(Beta, "dstate", "UpToDate/UpToDate", SYNC_TIMEOUT);
+    let s = pair.status(Beta);
+    assert_eq!(
+        counter(&s, "resync-bytes-received"),
+        pair.data_size(),
+        "invalidate moves the whole device:\n{s:#}"
+    );
+    assert_replicas_identical(&pair, "after invalidate");
+}
+
+#[test]
+fn primary_force_on_a_fresh_pair_starts_the_initial_sync() {
+    require_tool("nbdsh");
+    let pair = Pair::create(PairOptions::default());
+    pair.up(Alpha);
+    pair.up(Beta);
+    pair.wait_for(Alpha, "cstate", "Connected", STATE_TIMEOUT);
+    pair.wait_for(Alpha, "dstate", "Inconsistent/Inconsistent", STATE_TIMEOUT);
+    let err = pair.refused(Alpha, &["primary", RES]);
+    assert!(err.contains("no UpToDate data"), "{err}");
+    pair.ok(Alpha, &["primary", RES, "--force"]);
+    pair.wait_until(Beta, "cstate", "a resync", STATE_TIMEOUT, |c| {
+        c.contains("Sync") || c == "Connected"
+    });
+    // The Primary serves while the peer syncs.
+    let out = nbdsh(
+        &pair.nbd_uri(Alpha),
+        &format!(
+            "h.pwrite(b'\\x5a' * 65536, {})\nh.flush()\nprint('OK')",
+            3 * MIB
+        ),
+    );
+    assert!(out.contains("OK"), "{out}");
+    pair.wait_for(Beta, "dstate", "UpToDate/UpToDate", SYNC_TIMEOUT);
+    pair.wait_for(Alpha, "dstate", "UpToDate/UpToDate", STATE_TIMEOUT);
+    pair.ok(Alpha, &["secondary", RES]);
+    assert_replicas_identical(&pair, "after the initial sync");
+}
