@@ -27,11 +27,13 @@
 
 pub mod gi;
 mod resync;
+mod split_brain;
 mod state;
 
 pub use resync::{
     OutOfSync, SyncProgress, SyncSide, RESYNC_REQUEST_MAX, RESYNC_SOURCE_QUEUE, RESYNC_WINDOW,
 };
+pub use split_brain::{AfterSb0Pri, AfterSb1Pri, AfterSb2Pri, SplitBrainPolicy};
 pub use state::{ConnState, DiskState, Protocol, Role};
 
 use std::collections::{BTreeMap, VecDeque};
@@ -137,6 +139,8 @@ pub struct Report {
     pub flags: u32,
     /// Its out-of-sync bytes.
     pub oos: u64,
+    /// It was told to discard its data if split brain is found.
+    pub discard_my_data: bool,
 }
 
 /// A frame between the cores. The engine maps these to the wire format.
@@ -364,6 +368,8 @@ pub enum Action {
     FlushBitmap,
     /// A resync ended (the after-resync handlers run).
     ResyncFinished,
+    /// Run this handler (`pri-lost-after-sb`, `out-of-sync`).
+    RunHandler(&'static str),
     /// Send a frame on the current link.
     Send(Packet),
     /// Answer a client request.
@@ -430,6 +436,8 @@ pub struct Config {
     /// with this set is the source; the driver sets it on exactly one node
     /// (the one whose name sorts first).
     pub source_on_tie: bool,
+    /// What to do when split brain is found at connect.
+    pub split_brain: SplitBrainPolicy,
 }
 
 /// What the metadata said when the disk was attached.
@@ -630,6 +638,8 @@ pub struct Core {
     sync: Option<resync::Sync>,
     /// Out-of-sync bytes as of the driver's last [`Core::pump`].
     local_oos: u64,
+    /// `connect --discard-my-data`: lose a split brain on the next connect.
+    discard_my_data: bool,
 }
 
 impl Core {
@@ -660,6 +670,7 @@ impl Core {
             promoting: None,
             sync: None,
             local_oos: 0,
+            discard_my_data: false,
             counters: Counters::default(),
         }
     }
@@ -733,10 +744,17 @@ impl Core {
             gens: self.gens,
             flags: self.flags,
             oos: self.local_oos,
+            discard_my_data: self.discard_my_data,
         }
     }
 
     // ---- administration ----
+
+    /// `connect --discard-my-data`: if the next connect finds split brain,
+    /// this node's changes are the ones thrown away.
+    pub fn set_discard_my_data(&mut self, on: bool) {
+        self.discard_my_data = on;
+    }
 
     /// Start connecting (leave StandAlone).
     pub fn connect(&mut self) {
@@ -1779,14 +1797,23 @@ impl Core {
                 fmt_gens(&report.gens),
                 rule.name()
             )));
-            match decision {
+            let decision = match decision {
                 gi::Decision::SplitBrain => {
                     out.push(Action::SplitBrain { rule: rule.name() });
-                    return self.refuse_peer(
-                        format!("split brain detected ({}); disconnecting", rule.name()),
-                        out,
-                    );
+                    match self.resolve_split_brain(rule, &report, out) {
+                        Some(d) => d,
+                        None => {
+                            return self.refuse_peer(
+                                format!("split brain detected ({}); disconnecting", rule.name()),
+                                out,
+                            )
+                        }
+                    }
                 }
+                d => d,
+            };
+            match decision {
+                gi::Decision::SplitBrain => {}
                 gi::Decision::Unrelated => {
                     return self.refuse_peer(
                         "unrelated data: the peer's generations share nothing with ours; refusing to connect".into(),
@@ -1826,6 +1853,8 @@ impl Core {
                 clear: 0,
             });
             self.flags |= flags::CONNECTED_IND;
+            // Used once, as DRBD does.
+            self.discard_my_data = false;
             match decision {
                 gi::Decision::Source { full } => {
                     if self.disk == DiskState::Consistent {

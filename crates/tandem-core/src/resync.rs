@@ -190,20 +190,21 @@ impl Core {
         }
         match side {
             SyncSide::Source => {
-                if full {
-                    // A bitmap generation already tracking changes serves as
-                    // the sync generation (the bitmap is all set now anyway);
-                    // reusing it keeps the history slots for relations.
-                    let uuid = if self.gens.bitmap != 0 {
-                        self.gens.bitmap
-                    } else {
-                        let uuid = self.fresh_uuid();
-                        self.gens.bitmap = uuid;
-                        out.push(Action::PersistGenerations(self.gens));
-                        uuid
-                    };
-                    out.push(Action::Send(Packet::SyncUuid { uuid }));
-                }
+                // The target takes our bitmap generation as its current
+                // one: whatever it held before (a split-brain victim's
+                // changes, a half-done full sync) is then described by our
+                // bitmap, so a resync interrupted by a link drop resumes
+                // from the bitmap. A bitmap generation already tracking
+                // changes serves; reusing it keeps the history slots.
+                let uuid = if self.gens.bitmap != 0 {
+                    self.gens.bitmap
+                } else {
+                    let uuid = self.fresh_uuid();
+                    self.gens.bitmap = uuid;
+                    out.push(Action::PersistGenerations(self.gens));
+                    uuid
+                };
+                out.push(Action::Send(Packet::SyncUuid { uuid }));
             }
             SyncSide::Target => {
                 self.set_disk(DiskState::Inconsistent, out);

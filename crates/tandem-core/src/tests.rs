@@ -30,6 +30,7 @@ impl Node {
                 size: SIZE,
                 resync_rate: 1 << 30,
                 source_on_tie: seed % 2 == 1,
+                split_brain: SplitBrainPolicy::default(),
             },
             attached,
             seed,

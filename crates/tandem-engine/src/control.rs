@@ -35,6 +35,9 @@ pub struct Request {
     pub json: bool,
     /// `--now` (events).
     pub now: bool,
+    /// `--discard-my-data` (connect).
+    #[serde(rename = "discard-my-data")]
+    pub discard_my_data: bool,
 }
 
 /// The daemon's answer.

@@ -293,6 +293,7 @@ async fn run_async(opts: DaemonOptions, ready: impl FnOnce()) -> Result<(), Stri
             size,
             resync_rate: cfg.disk.resync_rate,
             source_on_tie: me.name < peer.name,
+            split_brain: split_brain_policy(&cfg.net, &me.name),
         },
         Attached {
             gens: md.generations(),
@@ -1212,6 +1213,7 @@ impl Actor {
                 self.run_handler("split-brain");
             }
             Action::Log(s) => info!("{s}"),
+            Action::RunHandler(name) => self.run_handler(name),
             // Answered at the end of the batch, once the role is visible
             // to the NBD gate.
             Action::PromotionDone(r) => self.promotion_result = Some(r),
@@ -1648,6 +1650,7 @@ impl Actor {
             }
             "connect" => {
                 self.want_link.store(true, Ordering::Relaxed);
+                self.core.set_discard_my_data(req.discard_my_data);
                 self.core.connect();
                 Response::ok("")
             }
@@ -1898,7 +1901,7 @@ fn wire_report(r: &tandem_core::Report) -> tandem_wire::StateReport {
         history_uuids: r.gens.history,
         flags: r.flags,
         out_of_sync: r.oos,
-        discard_my_data: false,
+        discard_my_data: r.discard_my_data,
     }
 }
 
@@ -1929,6 +1932,35 @@ fn core_report(r: &tandem_wire::StateReport) -> tandem_core::Report {
         },
         flags: r.flags,
         oos: r.out_of_sync,
+        discard_my_data: r.discard_my_data,
+    }
+}
+
+/// The configuration's `after-sb-*pri` policies for the core.
+fn split_brain_policy(net: &tandem_config::NetConfig, me: &str) -> tandem_core::SplitBrainPolicy {
+    use tandem_config::{AfterSb0Pri as C0, AfterSb1Pri as C1, AfterSb2Pri as C2};
+    use tandem_core::{AfterSb0Pri as P0, AfterSb1Pri as P1, AfterSb2Pri as P2};
+    tandem_core::SplitBrainPolicy {
+        zero: match &net.after_sb_0pri {
+            C0::Disconnect => P0::Disconnect,
+            C0::DiscardYoungerPrimary => P0::DiscardYoungerPrimary,
+            C0::DiscardOlderPrimary => P0::DiscardOlderPrimary,
+            C0::DiscardZeroChanges => P0::DiscardZeroChanges,
+            C0::DiscardLeastChanges => P0::DiscardLeastChanges,
+            C0::DiscardNode(n) => P0::DiscardNode(n == me),
+        },
+        one: match net.after_sb_1pri {
+            C1::Disconnect => P1::Disconnect,
+            C1::Consensus => P1::Consensus,
+            C1::ViolentlyAs0p => P1::ViolentlyAs0p,
+            C1::DiscardSecondary => P1::DiscardSecondary,
+            C1::CallPriLostAfterSb => P1::CallPriLostAfterSb,
+        },
+        two: match net.after_sb_2pri {
+            C2::Disconnect => P2::Disconnect,
+            C2::ViolentlyAs0p => P2::ViolentlyAs0p,
+            C2::CallPriLostAfterSb => P2::CallPriLostAfterSb,
+        },
     }
 }
 

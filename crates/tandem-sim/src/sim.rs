@@ -148,6 +148,9 @@ pub struct Options {
     pub reconnect_during_peer_io: bool,
     /// A deliberate driver bug.
     pub sabotage: Option<Sabotage>,
+    /// The split-brain recovery policies (the default schedule cycles
+    /// through disconnect and two automatic recoveries).
+    pub split_brain: tandem_core::SplitBrainPolicy,
     /// Keep the whole trace instead of its tail.
     pub full_trace: bool,
 }
@@ -174,6 +177,19 @@ impl Options {
             reconnect_during_peer_io: true,
             sabotage: None,
             full_trace: false,
+            split_brain: match (seed / 3) % 3 {
+                0 => tandem_core::SplitBrainPolicy::default(),
+                1 => tandem_core::SplitBrainPolicy {
+                    zero: tandem_core::AfterSb0Pri::DiscardLeastChanges,
+                    one: tandem_core::AfterSb1Pri::DiscardSecondary,
+                    two: tandem_core::AfterSb2Pri::Disconnect,
+                },
+                _ => tandem_core::SplitBrainPolicy {
+                    zero: tandem_core::AfterSb0Pri::DiscardZeroChanges,
+                    one: tandem_core::AfterSb1Pri::Consensus,
+                    two: tandem_core::AfterSb2Pri::Disconnect,
+                },
+            },
         }
     }
 
@@ -726,6 +742,7 @@ impl Sim {
                 size: SIZE,
                 resync_rate: 1 << 40,
                 source_on_tie: n == 0,
+                split_brain: self.opts.split_brain,
             },
             attached,
             self.rng.next_u64(),
@@ -772,6 +789,14 @@ impl Sim {
             .filter(|(_, (l, _))| Some(*l) != live)
             .map(|(&r, _)| r)
             .collect();
+        if post == ConnState::WFBitMapT
+            && acts.iter().any(|a| matches!(a, Action::SplitBrain { .. }))
+        {
+            // Split brain resolved with this node as the victim: what it
+            // acknowledged apart is discarded by design, and until the
+            // resync is done it holds no consistent data to check.
+            self.nodes[n].acked.clear();
+        }
         self.note(|| format!("n{n} <- {ev:?}  [{pre} -> {post}]"));
         self.exec_all(n, acts.clone(), &lost)?;
         // The core looks at the bitmap after every batch, as the engine's
@@ -920,6 +945,7 @@ impl Sim {
                 let r = self.md(n).flush_bitmap();
                 self.meta(r)?;
             }
+            Action::RunHandler(_) => {}
             Action::ResyncFinished => {
                 self.stats.resyncs += 1;
                 for x in &mut self.nodes {

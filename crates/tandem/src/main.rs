@@ -107,6 +107,10 @@ enum Verb {
     Connect {
         /// Resource name.
         resource: String,
+        /// If split brain is found, this node's changes are discarded and
+        /// it is resynced from the peer.
+        #[arg(long)]
+        discard_my_data: bool,
     },
     /// Drop the link to the peer and stay StandAlone.
     Disconnect {
@@ -258,7 +262,18 @@ fn main() -> ExitCode {
         Verb::Down { resource, force } => daemon_cmd::down(&paths(), &resource, force),
         Verb::Primary { resource, force } => simple(&resource, "primary", force),
         Verb::Secondary { resource, force } => simple(&resource, "secondary", force),
-        Verb::Connect { resource } => simple(&resource, "connect", false),
+        Verb::Connect {
+            resource,
+            discard_my_data,
+        } => daemon_cmd::simple(
+            &paths(),
+            &resource,
+            tandem_engine::control::Request {
+                verb: "connect".into(),
+                discard_my_data,
+                ..Default::default()
+            },
+        ),
         Verb::Disconnect { resource } => simple(&resource, "disconnect", false),
         Verb::Outdate { resource } => simple(&resource, "outdate", false),
         Verb::Detach { resource } => simple(&resource, "detach", false),

@@ -269,7 +269,11 @@ impl Sim {
     pub(super) fn check_split_brain_reported(&mut self, n: usize, acts: &[Action]) -> R {
         self.stats.split_brain_checks += 1;
         let reported = acts.iter().any(|a| matches!(a, Action::SplitBrain { .. }));
-        let connected = self.nodes[n].cstate().is_some_and(ConnState::is_connected);
+        // Connecting is right only when a recovery policy picked a victim
+        // and the resync that discards its changes starts.
+        let connected = self.nodes[n].cstate().is_some_and(|c| {
+            c.is_connected() && !matches!(c, ConnState::WFBitMapS | ConnState::WFBitMapT)
+        });
         if !reported || connected {
             return Err(self.fail(
                 Check::SplitBrainNeverSilent,
