@@ -247,3 +247,118 @@ fn primary_force_on_a_fresh_pair_starts_the_initial_sync() {
     pair.ok(Alpha, &["secondary", RES]);
     assert_replicas_identical(&pair, "after the initial sync");
 }
+
+/// Writes of one byte value to whole 4 KiB blocks; returns nothing (the
+/// caller knows the blocks).
+fn write_blocks(pair: &Pair, node: pair::Node, blocks: &[u64], value: u8) {
+    let mut script = String::new();
+    for b in blocks {
+        script.push_str(&format!(
+            "h.pwrite(bytes([{value}]) * 4096, {})\n",
+            b * 4096
+        ));
+    }
+    script.push_str("h.flush()\nprint('DONE')\n");
+    let out = nbdsh(&pair.nbd_uri(node), &script);
+    assert!(out.contains("DONE"), "{out}");
+}
+
+/// Both nodes write while apart: alpha stays Primary, beta is promoted on
+/// its own, writes, and steps down again. Returns the union of the blocks
+/// written apart.
+fn make_split_brain(pair: &Pair) -> u64 {
+    write_blocks(pair, Alpha, &[1, 2, 3, 1000], 0x11);
+    pair.wait_status(Alpha, "nothing pending", STATE_TIMEOUT, |s| {
+        counter(s, "pe") == 0
+    });
+    pair.ok(Alpha, &["disconnect", RES]);
+    pair.ok(Beta, &["disconnect", RES]);
+    pair.wait_for(Beta, "cstate", "StandAlone", STATE_TIMEOUT);
+    write_blocks(pair, Alpha, &[2, 10, 11, 5000], 0xaa);
+    pair.ok(Beta, &["primary", RES]);
+    write_blocks(pair, Beta, &[3, 11, 12, 13, 7000], 0xbb);
+    pair.ok(Beta, &["secondary", RES]);
+    // Union of {2, 10, 11, 5000} and {3, 11, 12, 13, 7000}.
+    8 * 4096
+}
+
+#[test]
+fn split_brain_is_detected_and_discard_my_data_resyncs_the_union() {
+    require_tool("nbdsh");
+    let marker = tempfile::NamedTempFile::new().unwrap();
+    let pair = Pair::connected(PairOptions {
+        extra_toml: format!(
+            "[handlers]\nsplit-brain = \"echo $TANDEM_NODE >> {}\"\n",
+            marker.path().display()
+        ),
+        ..PairOptions::default()
+    });
+    let union = make_split_brain(&pair);
+    pair.ok(Alpha, &["connect", RES]);
+    pair.ok(Beta, &["connect", RES]);
+    // Detected on both sides, never merged: both stay StandAlone.
+    for node in [Alpha, Beta] {
+        pair.wait_until(
+            node,
+            "cstate",
+            "StandAlone after split brain",
+            STATE_TIMEOUT,
+            |c| c == "StandAlone",
+        );
+        let log = pair.log(node);
+        assert!(log.contains("split brain detected"), "{node}:\n{log}");
+    }
+    let deadline = std::time::Instant::now() + STATE_TIMEOUT;
+    loop {
+        let ran = std::fs::read_to_string(marker.path()).unwrap_or_default();
+        if ran.contains("alpha") && ran.contains("beta") {
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the split-brain handler ran on: {ran:?}"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+
+    // Manual recovery: beta's changes go.
+    pair.ok(Beta, &["connect", RES, "--discard-my-data"]);
+    pair.ok(Alpha, &["connect", RES]);
+    pair.wait_for(Beta, "dstate", "UpToDate/UpToDate", SYNC_TIMEOUT);
+    pair.wait_for(Alpha, "cstate", "Connected", STATE_TIMEOUT);
+    let a = pair.status(Alpha);
+    assert_eq!(
+        counter(&a, "resync-bytes-sent"),
+        union,
+        "only the blocks changed on either side travel:\n{a:#}"
+    );
+    assert_eq!(pair.query(Alpha, "role"), "Primary/Secondary");
+    assert_replicas_identical(&pair, "after discard-my-data");
+}
+
+#[test]
+fn after_sb_1pri_discard_secondary_recovers_by_itself() {
+    require_tool("nbdsh");
+    let pair = Pair::connected(PairOptions {
+        extra_net:
+            "after-sb-0pri = \"discard-least-changes\"\nafter-sb-1pri = \"discard-secondary\"",
+        ..PairOptions::default()
+    });
+    let union = make_split_brain(&pair);
+    pair.ok(Alpha, &["connect", RES]);
+    pair.ok(Beta, &["connect", RES]);
+    pair.wait_for(Beta, "dstate", "UpToDate/UpToDate", SYNC_TIMEOUT);
+    pair.wait_for(Alpha, "cstate", "Connected", STATE_TIMEOUT);
+    let log = pair.log(Beta);
+    assert!(
+        log.contains("split brain resolved: this node's data is discarded"),
+        "{log}"
+    );
+    let a = pair.status(Alpha);
+    assert_eq!(counter(&a, "resync-bytes-sent"), union, "{a:#}");
+    assert_replicas_identical(&pair, "after discard-secondary");
+    // Alpha's data won: its value at block 2, not beta's at block 3.
+    let img = std::fs::read(pair.disk(Beta)).unwrap();
+    assert_eq!(img[2 * 4096], 0xaa);
+    assert_eq!(img[3 * 4096], 0x11);
+}

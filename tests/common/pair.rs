@@ -86,6 +86,8 @@ pub struct PairOptions {
     pub extra_net: &'static str,
     /// `[disk]` lines for both nodes.
     pub extra_disk: &'static str,
+    /// Appended to both nodes' files (e.g. a `[handlers]` table).
+    pub extra_toml: String,
 }
 
 impl Default for PairOptions {
@@ -96,6 +98,7 @@ impl Default for PairOptions {
             disk_size: 300 * MIB,
             extra_net: "",
             extra_disk: "",
+            extra_toml: String::new(),
         }
     }
 }
@@ -287,6 +290,7 @@ impl Pair {
         let [na, nb] = self.nbd_ports;
         let extra = self.opts.extra_net;
         let disk = self.opts.extra_disk;
+        let tail = &self.opts.extra_toml;
         format!(
             r#"protocol = "{protocol}"
 
@@ -313,6 +317,8 @@ address = "127.0.0.1:{rb}"
 disk = "{d}/beta.img"
 meta-disk = "internal"
 nbd = "127.0.0.1:{nb}"
+
+{tail}
 "#
         )
     }
