@@ -362,3 +362,53 @@ fn after_sb_1pri_discard_secondary_recovers_by_itself() {
     assert_eq!(img[2 * 4096], 0xaa);
     assert_eq!(img[3 * 4096], 0x11);
 }
+
+#[test]
+fn verify_finds_a_flipped_byte_and_a_resync_repairs_it() {
+    require_tool("nbdsh");
+    let pair = Pair::connected(PairOptions::default());
+    scattered_writes(&pair, 20, 0x77);
+    pair.wait_status(Alpha, "nothing pending", STATE_TIMEOUT, |s| {
+        counter(s, "pe") == 0
+    });
+    // A clean pair verifies clean.
+    pair.ok(Alpha, &["verify", RES]);
+    let s = pair.wait_status(Alpha, "verify done", SYNC_TIMEOUT, |s| {
+        s["verify"].is_null() && !s["last-verify-found"].is_null()
+    });
+    assert_eq!(s["last-verify-found"], 0, "{s:#}");
+
+    // Bit rot on the Secondary's disk, behind tandem's back.
+    let off = 5 * MIB + 7;
+    {
+        use std::os::unix::fs::FileExt;
+        let f = std::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .open(pair.disk(Beta))
+            .unwrap();
+        let mut b = [0u8; 1];
+        f.read_exact_at(&mut b, off).unwrap();
+        f.write_all_at(&[b[0] ^ 0x40], off).unwrap();
+    }
+    pair.ok(Alpha, &["verify", RES]);
+    let s = pair.wait_status(Alpha, "verify done", SYNC_TIMEOUT, |s| {
+        s["verify"].is_null() && s["last-verify-found"].as_u64().is_some_and(|n| n > 0)
+    });
+    assert_eq!(
+        s["last-verify-found"], 1,
+        "exactly one block differs:\n{s:#}"
+    );
+    assert_eq!(u64_field(&s, "out-of-sync-bytes"), 4096, "{s:#}");
+
+    // As in DRBD, a reconnect resyncs what verify marked.
+    pair.ok(Beta, &["disconnect", RES]);
+    pair.ok(Beta, &["connect", RES]);
+    pair.wait_for(Alpha, "cstate", "Connected", SYNC_TIMEOUT);
+    pair.wait_for(Beta, "dstate", "UpToDate/UpToDate", SYNC_TIMEOUT);
+    let s = pair.wait_status(Alpha, "resync done", SYNC_TIMEOUT, |s| {
+        u64_field(s, "out-of-sync-bytes") == 0
+    });
+    assert_eq!(counter(&s, "resync-bytes-sent"), 4096, "{s:#}");
+    assert_replicas_identical(&pair, "after verify and resync");
+}

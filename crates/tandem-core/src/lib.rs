@@ -29,12 +29,14 @@ pub mod gi;
 mod resync;
 mod split_brain;
 mod state;
+mod verify;
 
 pub use resync::{
     OutOfSync, SyncProgress, SyncSide, RESYNC_REQUEST_MAX, RESYNC_SOURCE_QUEUE, RESYNC_WINDOW,
 };
 pub use split_brain::{AfterSb0Pri, AfterSb1Pri, AfterSb2Pri, SplitBrainPolicy};
 pub use state::{ConnState, DiskState, Protocol, Role};
+pub use verify::VerifyProgress;
 
 use std::collections::{BTreeMap, VecDeque};
 use std::ops::Range;
@@ -88,6 +90,14 @@ pub enum OpId {
         link: u64,
         /// Flush number.
         n: u64,
+    },
+    /// Verify: digests of the range of verify request `id` (ours or the
+    /// peer's).
+    VerifyRead {
+        /// Link number.
+        link: u64,
+        /// The verify request.
+        id: u64,
     },
     /// SyncSource: reading the range the peer's request `id` asked for.
     ResyncRead {
@@ -253,6 +263,29 @@ pub enum Packet {
         /// Paused now.
         paused: bool,
     },
+    /// VerifyS asks for the digests of a range.
+    OvRequest {
+        /// Request id.
+        id: u64,
+        /// Byte offset.
+        offset: u64,
+        /// Byte length.
+        len: u64,
+    },
+    /// VerifyT's crc32c per 4 KiB block of the range (empty: unreadable).
+    OvReply {
+        /// Request id.
+        id: u64,
+        /// Byte offset.
+        offset: u64,
+        /// One digest per block.
+        digests: Vec<u32>,
+    },
+    /// The verify is over.
+    OvDone {
+        /// Blocks found different.
+        found: u64,
+    },
 }
 
 /// Inputs to the core.
@@ -305,6 +338,13 @@ pub enum Event {
     /// Time passes (the engine sends one every 100 ms): an epoch whose
     /// writes wait for stability is closed with a barrier.
     Tick,
+    /// An [`Action::LocalDigest`] finished (`None`: the read failed).
+    Digests {
+        /// Which one.
+        op: OpId,
+        /// crc32c of every 4 KiB block.
+        digests: Option<Vec<u32>>,
+    },
     /// A frame from the peer.
     Packet {
         /// Link number.
@@ -356,6 +396,21 @@ pub enum Action {
         offset: u64,
         /// Byte length.
         len: u64,
+    },
+    /// Read a range and compute the crc32c of every 4 KiB block, then
+    /// answer [`Event::Digests`].
+    LocalDigest {
+        /// Which operation.
+        op: OpId,
+        /// Byte offset.
+        offset: u64,
+        /// Byte length.
+        len: u64,
+    },
+    /// An online verify this node ran has finished.
+    VerifyFinished {
+        /// Blocks found different (now marked out of sync).
+        found: u64,
     },
     /// These bytes are now identical on both nodes: clear their bits.
     MarkInSync {
@@ -640,6 +695,10 @@ pub struct Core {
     local_oos: u64,
     /// `connect --discard-my-data`: lose a split brain on the next connect.
     discard_my_data: bool,
+    /// The online verify on the current link.
+    verify: Option<verify::Verify>,
+    /// Blocks the last finished verify found different.
+    last_verify: Option<u64>,
 }
 
 impl Core {
@@ -671,6 +730,8 @@ impl Core {
             sync: None,
             local_oos: 0,
             discard_my_data: false,
+            verify: None,
+            last_verify: None,
             counters: Counters::default(),
         }
     }
@@ -984,6 +1045,7 @@ impl Core {
             Event::AlReady { req, ok } => self.al_ready(req, ok, out),
             Event::LocalDone { op, ok } => self.local_done(op, ok, out),
             Event::LinkUp { link } => self.link_up(link, out),
+            Event::Digests { op, digests } => self.digests_done(op, digests, out),
             Event::LinkDown { link, cause } => self.link_lost(link, cause, out),
             Event::Tick => {
                 // Measured on 4 KiB QD32 random writes: a barrier every tick
@@ -1249,6 +1311,7 @@ impl Core {
             }
             OpId::ResyncFlush { link, n } => self.rs_flush_done(link, n, ok, out),
             OpId::ResyncRead { link, id } => self.rs_read_done(link, id, ok, out),
+            OpId::VerifyRead { .. } => {}
             OpId::Peer { link, seq } => {
                 if let Some(range) = self.rx.inflight.remove(&op) {
                     self.counters.disk_written += range.end - range.start;
@@ -1402,6 +1465,11 @@ impl Core {
         };
         self.peer_role = Role::Unknown;
         self.peer_disk = DiskState::DUnknown;
+        if self.verify.take().is_some() {
+            out.push(Action::Log(
+                "online verify interrupted by the link loss".into(),
+            ));
+        }
         if let Some(s) = self.sync.take() {
             out.push(Action::Log(format!(
                 "resync interrupted as {:?}; it resumes from the bitmap on the next connect",
@@ -1606,6 +1674,9 @@ impl Core {
             | Packet::RsNegAck { .. }
             | Packet::RsAck { .. }
             | Packet::SyncPause { .. }) => self.sync_packet(p, out),
+            p @ (Packet::OvRequest { .. } | Packet::OvReply { .. } | Packet::OvDone { .. }) => {
+                self.verify_packet(p, out)
+            }
             Packet::NewCurrentUuid { uuid } => {
                 if self.gens.current == UUID_JUST_CREATED && self.role == Role::Secondary {
                     self.adopt_uuid(uuid, out);

@@ -305,6 +305,12 @@ impl Core {
     }
 
     pub(crate) fn no_sync_running(&self) -> Result<(), Refusal> {
+        if self.verify.is_some() {
+            return Err(Refusal::Other(format!(
+                "an online verify is running ({}); wait for it or disconnect",
+                self.cstate
+            )));
+        }
         if self.sync.is_some() {
             return Err(Refusal::Other(format!(
                 "a resync is running ({}); wait for it or disconnect",
@@ -574,6 +580,7 @@ impl Core {
     /// SyncTarget, request more, flush what was written, or finish.
     pub fn pump(&mut self, bm: &dyn OutOfSync, out: &mut Vec<Action>) {
         self.local_oos = bm.dirty_bytes();
+        self.pump_verify(out);
         let Some(link) = self.link else { return };
         let size = self.cfg.size;
         let writing = self

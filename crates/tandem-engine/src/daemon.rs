@@ -80,6 +80,8 @@ enum Input {
     Client(ClientOp, oneshot::Sender<io::Result<()>>),
     /// A local read for the peer finished (its bytes are kept for `RsData`).
     ReadDone(OpId, io::Result<Bytes>),
+    /// A digest read for verify finished.
+    Digests(OpId, Option<Vec<u32>>),
     Core(Event),
     Link(LinkEvent),
     Admin(Request, oneshot::Sender<Response>),
@@ -828,6 +830,7 @@ impl Actor {
             let Some(input) = input else { break };
             match input {
                 Input::Client(op, reply) => self.client(op, reply).await,
+                Input::Digests(op, digests) => self.feed(Event::Digests { op, digests }).await,
                 Input::ReadDone(op, r) => {
                     let ok = match (op, r) {
                         (OpId::ResyncRead { id, .. }, Ok(data)) => {
@@ -1134,6 +1137,22 @@ impl Actor {
                     let _ = tx.send(Input::ReadDone(op, r)).await;
                 });
             }
+            Action::LocalDigest { op, offset, len } => {
+                let dev = disk_of(&self.slot);
+                let tx = self.tx.clone();
+                tokio::spawn(async move {
+                    let data = match (dev, usize::try_from(len)) {
+                        (Ok(dev), Ok(n)) => dev.read(offset, n).await.ok(),
+                        _ => None,
+                    };
+                    let digests = data.map(|d| d.chunks(4096).map(tandem_wire::data_crc).collect());
+                    let _ = tx.send(Input::Digests(op, digests)).await;
+                });
+            }
+            Action::VerifyFinished { found } => {
+                let line = json!({"type": "verify-done", "resource": self.res, "found": found, "time": now_rfc3339()});
+                let _ = self.events.send(line.to_string());
+            }
             Action::MarkInSync { range } => {
                 let Some(md) = self.md.as_mut() else { return };
                 if let Err(e) = md.set_in_sync(range) {
@@ -1424,6 +1443,21 @@ impl Actor {
                 len: len as u32,
             },
             Packet::SyncPause { paused } => M::SyncPause { paused },
+            Packet::OvRequest { id, offset, len } => M::OvRequest {
+                id,
+                offset,
+                len: len as u32,
+            },
+            Packet::OvReply {
+                id,
+                offset,
+                digests,
+            } => M::OvReply {
+                id,
+                offset,
+                digests,
+            },
+            Packet::OvDone { found } => M::OvDone { found },
         };
         // The writer task's queue is bounded; waiting here is the back
         // pressure protocol A needs when the link is slower than the disk.
@@ -1559,6 +1593,21 @@ impl Actor {
                         len: len.into(),
                     },
                     M::SyncPause { paused } => Packet::SyncPause { paused },
+                    M::OvRequest { id, offset, len } => Packet::OvRequest {
+                        id,
+                        offset,
+                        len: len.into(),
+                    },
+                    M::OvReply {
+                        id,
+                        offset,
+                        digests,
+                    } => Packet::OvReply {
+                        id,
+                        offset,
+                        digests,
+                    },
+                    M::OvDone { found } => Packet::OvDone { found },
                     // Liveness only (last_rx is updated above).
                     M::Ping | M::PingAck => return,
                     M::Disconnect { reason } => {
@@ -1679,6 +1728,12 @@ impl Actor {
             },
             "invalidate-remote" => match self.core.invalidate_remote(&mut out) {
                 Ok(()) => Response::ok(""),
+                Err(e) => Response::refused(e.to_string()),
+            },
+            "verify" => match self.core.start_verify(&mut out) {
+                Ok(()) => {
+                    Response::ok("online verify started; `status` shows its progress and result")
+                }
                 Err(e) => Response::refused(e.to_string()),
             },
             "pause-sync" | "resume-sync" => {
@@ -1802,6 +1857,12 @@ impl Actor {
             "protocol": self.core.protocol().to_string(),
             "out-of-sync-bytes": oos,
             "sync": self.sync_json(),
+            "verify": self.core.verify_progress().map_or(serde_json::Value::Null, |v| json!({
+                "side": if v.source { "source" } else { "target" },
+                "done-fraction": v.done as f64 / self.core.size().max(1) as f64,
+                "found": v.found,
+            })),
+            "last-verify-found": self.core.last_verify_found(),
             "nbd-clients": self.nbd_stats.clients(),
             "current-uuid": format!("{:016X}", self.core.generations().current),
             "generations": fmt_gens(&self.core.generations()),

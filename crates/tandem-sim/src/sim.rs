@@ -269,6 +269,8 @@ pub struct Stats {
     pub repairs: u64,
     /// Resyncs that finished.
     pub resyncs: u64,
+    /// Online verifies that finished.
+    pub verifies: u64,
     pub al_busy: u64,
     /// Completions checked against the peer's receipt (B) or disk (C).
     pub peer_completion_checks: u64,
@@ -308,6 +310,7 @@ impl Stats {
             split_brains,
             repairs,
             resyncs,
+            verifies,
             al_busy,
             peer_completion_checks,
             peer_flush_checks,
@@ -326,7 +329,7 @@ impl fmt::Display for Stats {
             "runs {}, steps {}, writes {} submitted / {} completed / {} failed, flushes {}, \
              requests dropped by crashes {}, frames {}, link drops {}, link ups {}, connections {}, \
              daemon crashes {}, machine crashes {}, promotions {}, demotions {}, rogue promotions {}, \
-             split brains {}, repairs {}, resyncs {}, AL busy {}, peer completion checks {}, peer flush checks {}, \
+             split brains {}, repairs {}, resyncs {}, verifies {}, AL busy {}, peer completion checks {}, peer flush checks {}, \
              split-brain checks {}, disk comparisons {} ({} differing blocks, all marked), \
              blocks marked by AL replay {}",
             self.runs,
@@ -348,6 +351,7 @@ impl fmt::Display for Stats {
             self.split_brains,
             self.repairs,
             self.resyncs,
+            self.verifies,
             self.al_busy,
             self.peer_completion_checks,
             self.peer_flush_checks,
@@ -453,6 +457,10 @@ enum LocalWhat {
     WriteBlocks {
         first: u64,
         values: Vec<u64>,
+    },
+    /// A verify read: one digest per block.
+    Digest {
+        blocks: Range<u64>,
     },
     /// A resync read for the peer.
     Read {
@@ -594,6 +602,7 @@ enum Choice {
     EnsurePrimary,
     Repair,
     Tick(usize),
+    Verify(usize),
     Idle,
 }
 
@@ -897,7 +906,8 @@ impl Sim {
                     }
                     OpId::PeerBarrier { .. }
                     | OpId::ResyncFlush { .. }
-                    | OpId::ResyncRead { .. } => {
+                    | OpId::ResyncRead { .. }
+                    | OpId::VerifyRead { .. } => {
                         return Err(self.fail(Check::Driver, "a local write with a non-write id"))
                     }
                 };
@@ -926,6 +936,17 @@ impl Sim {
                     ready_at,
                 });
             }
+            Action::LocalDigest { op, offset, len } => {
+                let ready_at = self.io_delay();
+                self.nodes[n].local.push(LocalOp {
+                    op,
+                    what: LocalWhat::Digest {
+                        blocks: blocks_of(offset, len),
+                    },
+                    ready_at,
+                });
+            }
+            Action::VerifyFinished { .. } => self.stats.verifies += 1,
             Action::MarkInSync { range } => {
                 let r = self.md(n).set_in_sync(range);
                 self.meta(r)?;
@@ -1201,6 +1222,22 @@ impl Sim {
                         }
                     }
                 }
+            }
+            LocalWhat::Digest { blocks } => {
+                let digests = blocks
+                    .map(|b| {
+                        let v = self.nodes[n].disk.read(b);
+                        (v as u32) ^ ((v >> 32) as u32) ^ 0x9e37_79b9
+                    })
+                    .collect();
+                self.handle(
+                    n,
+                    Event::Digests {
+                        op: op.op,
+                        digests: Some(digests),
+                    },
+                )?;
+                return self.pump();
             }
             LocalWhat::Read { blocks } => {
                 if let OpId::ResyncRead { link, id } = op.op {
@@ -1764,6 +1801,9 @@ impl Sim {
             }
             if self.live(n) {
                 menu.push((300, Choice::Tick(n)));
+                if self.nodes[n].cstate() == Some(ConnState::Connected) {
+                    menu.push((20, Choice::Verify(n)));
+                }
                 menu.push((o.daemon_crash, Choice::Crash(n)));
                 menu.push((o.machine_crash, Choice::MachineCrash(n)));
             }
@@ -1870,6 +1910,20 @@ impl Sim {
             }
             Choice::Tick(n) => {
                 self.handle(n, Event::Tick)?;
+                self.pump()
+            }
+            Choice::Verify(n) => {
+                let mut acts = Vec::new();
+                let started = self.nodes[n]
+                    .core
+                    .as_mut()
+                    .map(|c| c.start_verify(&mut acts).is_ok());
+                if started == Some(true) {
+                    self.note(|| format!("n{n} verify"));
+                    self.exec_all(n, acts, &[])?;
+                    // The first requests go out on the next batch's pump.
+                    self.handle(n, Event::Tick)?;
+                }
                 self.pump()
             }
             Choice::Idle => Ok(()),

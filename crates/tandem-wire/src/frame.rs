@@ -60,6 +60,7 @@ mod kind {
     pub const OV_REQUEST: u16 = 0x004A;
     pub const OV_REPLY: u16 = 0x004B;
     pub const SYNC_PAUSE: u16 = 0x004C;
+    pub const OV_DONE: u16 = 0x004D;
 }
 
 /// Largest `Hello` body. `Hello` is the one frame whose layout must survive
@@ -112,6 +113,7 @@ fn kind_info(kind: u16) -> Option<(&'static str, usize)> {
         kind::OV_REQUEST => ("OvRequest", 20),
         kind::OV_REPLY => ("OvReply", DIGESTS_LIMIT),
         kind::SYNC_PAUSE => ("SyncPause", 1),
+        kind::OV_DONE => ("OvDone", 8),
         _ => return None,
     })
 }
@@ -150,6 +152,7 @@ fn kind_of(msg: &Message) -> u16 {
         Message::OvRequest { .. } => kind::OV_REQUEST,
         Message::OvReply { .. } => kind::OV_REPLY,
         Message::SyncPause { .. } => kind::SYNC_PAUSE,
+        Message::OvDone { .. } => kind::OV_DONE,
     }
 }
 
@@ -261,7 +264,7 @@ fn body_len(msg: &Message) -> usize {
         Message::Barrier { .. } => 9,
         Message::BarrierAck { .. } => 12,
         Message::SyncStart { .. } => 2,
-        Message::SyncUuid { .. } | Message::RsNegAck { .. } => 8,
+        Message::SyncUuid { .. } | Message::RsNegAck { .. } | Message::OvDone { .. } => 8,
         Message::Bitmap { runs } => 4 + 16 * runs.len(),
         Message::BitmapDone => 0,
         Message::RsRequest { .. } | Message::RsInSync { .. } | Message::OvRequest { .. } => 20,
@@ -392,7 +395,9 @@ pub fn encode_head(msg: &Message, out: &mut BytesMut) {
             out.put_u8(u8::from(*source));
             out.put_u8(u8::from(*full));
         }
-        Message::SyncUuid { uuid: v } | Message::RsNegAck { id: v } => out.put_u64_le(*v),
+        Message::SyncUuid { uuid: v }
+        | Message::RsNegAck { id: v }
+        | Message::OvDone { found: v } => out.put_u64_le(*v),
         Message::Bitmap { runs } => {
             // Bounded by MAX_BITMAP_RUNS (asserted above).
             out.put_u32_le(runs.len() as u32);
@@ -775,6 +780,9 @@ fn decode_body(kind: u16, b: &mut Body) -> Result<Message, WireError> {
         kind::SYNC_PAUSE => Message::SyncPause {
             paused: b.bool("paused")?,
         },
+        kind::OV_DONE => Message::OvDone {
+            found: b.u64("found")?,
+        },
         // parse_header only lets known kinds through.
         other => return Err(WireError::UnknownType(other)),
     })
@@ -935,6 +943,7 @@ mod tests {
                 digests: vec![],
             },
             Message::SyncPause { paused: true },
+            Message::OvDone { found: 3 },
             Message::WriteAck { seq: 11 },
             Message::NegAck { seq: 12 },
             Message::Barrier {
@@ -983,7 +992,7 @@ mod tests {
             assert!(limit <= MAX_BODY);
             seen.insert(k);
         }
-        assert_eq!(seen.len(), 32, "samples cover every type");
+        assert_eq!(seen.len(), 33, "samples cover every type");
     }
 
     #[test]

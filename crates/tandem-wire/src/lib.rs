@@ -314,6 +314,11 @@ pub enum Message {
         /// Paused now.
         paused: bool,
     },
+    /// The VerifyS has compared the whole device.
+    OvDone {
+        /// Blocks found different.
+        found: u64,
+    },
 }
 
 impl Message {
@@ -352,6 +357,7 @@ impl Message {
             Message::OvRequest { .. } => "OvRequest",
             Message::OvReply { .. } => "OvReply",
             Message::SyncPause { .. } => "SyncPause",
+            Message::OvDone { .. } => "OvDone",
         }
     }
 

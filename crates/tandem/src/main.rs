@@ -136,6 +136,12 @@ enum Verb {
         /// Resource name.
         resource: String,
     },
+    /// Compare both nodes' data online; differing blocks are counted and
+    /// marked out of sync.
+    Verify {
+        /// Resource name.
+        resource: String,
+    },
     /// Pause the running resync.
     PauseSync {
         /// Resource name.
@@ -280,6 +286,7 @@ fn main() -> ExitCode {
         Verb::Invalidate { resource } => simple(&resource, "invalidate", false),
         Verb::InvalidateRemote { resource } => simple(&resource, "invalidate-remote", false),
         Verb::PauseSync { resource } => simple(&resource, "pause-sync", false),
+        Verb::Verify { resource } => simple(&resource, "verify", false),
         Verb::ResumeSync { resource } => simple(&resource, "resume-sync", false),
         Verb::Attach { resource } => simple(&resource, "attach", false),
         Verb::Role { resource } => simple(&resource, "role", false),
