@@ -8,6 +8,9 @@
 use super::resync::{BLOCK, RESYNC_REQUEST_MAX, RESYNC_WINDOW};
 use super::*;
 
+/// A request in flight: its range, our digests, the peer's.
+type Pending = (Range<u64>, Option<Vec<u32>>, Option<Vec<u32>>);
+
 /// A verify in progress on the current link.
 #[derive(Debug)]
 pub(crate) struct Verify {
@@ -16,7 +19,7 @@ pub(crate) struct Verify {
     cursor: u64,
     next_id: u64,
     /// id -> (range, my digests, the peer's digests).
-    pending: BTreeMap<u64, (Range<u64>, Option<Vec<u32>>, Option<Vec<u32>>)>,
+    pending: BTreeMap<u64, Pending>,
     /// Blocks found different so far.
     pub(crate) found: u64,
 }
