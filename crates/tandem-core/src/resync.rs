@@ -24,14 +24,14 @@ use super::*;
 /// Largest resync request: 1 MiB (256 blocks of 4 KiB).
 pub const RESYNC_REQUEST_MAX: u64 = 1 << 20;
 /// Resync requests the target keeps in flight.
-pub const RESYNC_WINDOW: usize = 16;
+pub const RESYNC_WINDOW: usize = 32;
 /// Resync requests the source holds (waiting for conflicting client writes,
 /// or being read) before it calls the peer a protocol violator: a target
 /// honours [`RESYNC_WINDOW`].
 pub const RESYNC_SOURCE_QUEUE: usize = 4 * RESYNC_WINDOW;
 /// The target flushes (and acknowledges) written resync data at least this
 /// often.
-const FLUSH_BATCH: u64 = 16 << 20;
+const FLUSH_BATCH: u64 = 256 << 20;
 /// Bytes per bitmap bit.
 pub const BLOCK: u64 = 4096;
 
