@@ -412,3 +412,38 @@ fn verify_finds_a_flipped_byte_and_a_resync_repairs_it() {
     assert_eq!(counter(&s, "resync-bytes-sent"), 4096, "{s:#}");
     assert_replicas_identical(&pair, "after verify and resync");
 }
+
+#[test]
+fn resource_only_fencing_holds_new_writes_until_fence_peer_outdates_the_peer() {
+    require_tool("nbdsh");
+    let marker = tempfile::NamedTempFile::new().unwrap();
+    let pair = Pair::connected(PairOptions {
+        extra_net: "fencing = \"resource-only\"",
+        extra_toml: format!(
+            "[handlers]\nfence-peer = \"sleep 2; date +%s.%N > {}; exit 4\"\n",
+            marker.path().display()
+        ),
+        ..PairOptions::default()
+    });
+    pair.kill9(Beta);
+    pair.wait_until(Alpha, "cstate", "the loss noticed", STATE_TIMEOUT, |c| {
+        c == "WFConnection"
+    });
+    let out = nbdsh(
+        &pair.nbd_uri(Alpha),
+        "import time\nh.pwrite(b'f' * 4096, 0)\nh.flush()\nprint(time.time())",
+    );
+    let written: f64 = out.trim().parse().unwrap();
+    let fenced: f64 = std::fs::read_to_string(marker.path())
+        .unwrap()
+        .trim()
+        .parse()
+        .unwrap();
+    assert!(
+        written >= fenced,
+        "the write completed at {written}, before fence-peer returned at {fenced}"
+    );
+    pair.wait_for(Alpha, "dstate", "UpToDate/Outdated", STATE_TIMEOUT);
+    let log = pair.log(Alpha);
+    assert!(log.contains("fence-peer returned 4"), "{log}");
+}

@@ -143,6 +143,12 @@ pub struct NetConfig {
     /// `data-integrity-alg = "crc32c"`: every replicated write carries a
     /// checksum the receiver verifies (a mismatch drops the link).
     pub data_integrity: bool,
+    /// `fencing = "resource-only"`: when a Primary loses its peer, new
+    /// writes wait until the `fence-peer` handler has returned.
+    pub fencing: bool,
+    /// `csums-alg = "crc32c"`: a resync compares block checksums first and
+    /// sends only the blocks that differ.
+    pub csums: bool,
 }
 
 /// `[disk]`.
@@ -333,6 +339,9 @@ const NET_KEYS: &[&str] = &[
     "after-sb-1pri",
     "after-sb-2pri",
     "data-integrity-alg",
+    "fencing",
+    "csums-alg",
+    "verify-alg",
 ];
 const DISK_KEYS: &[&str] = &["al-extents", "resync-rate", "on-io-error"];
 const NODE_KEYS: &[&str] = &["name", "address", "disk", "meta-disk", "nbd"];
@@ -407,6 +416,8 @@ impl Default for NetConfig {
             after_sb_1pri: AfterSb1Pri::Disconnect,
             after_sb_2pri: AfterSb2Pri::Disconnect,
             data_integrity: false,
+            fencing: false,
+            csums: false,
         }
     }
 }
@@ -444,6 +455,9 @@ fn read_net(s: &mut Section<'_>) -> Result<NetConfig, ConfigError> {
         "discard-node-NAME",
     ];
     let sb0_expected = one_of(SB0);
+    // Verify always compares crc32c digests; the key exists so that a
+    // configuration carried over from DRBD says what it gets.
+    choose(s, "verify-alg", &[("crc32c", ())], ())?;
     let after_sb_0pri = match s.string("after-sb-0pri", &sb0_expected)? {
         None => d.after_sb_0pri,
         Some(v) => match v.as_str() {
@@ -474,6 +488,18 @@ fn read_net(s: &mut Section<'_>) -> Result<NetConfig, ConfigError> {
             "data-integrity-alg",
             &[("none", false), ("crc32c", true)],
             d.data_integrity,
+        )?,
+        fencing: choose(
+            s,
+            "fencing",
+            &[("dont-care", false), ("resource-only", true)],
+            d.fencing,
+        )?,
+        csums: choose(
+            s,
+            "csums-alg",
+            &[("none", false), ("crc32c", true)],
+            d.csums,
         )?,
         after_sb_0pri,
         after_sb_1pri: choose(

@@ -338,6 +338,12 @@ pub enum Event {
     /// Time passes (the engine sends one every 100 ms): an epoch whose
     /// writes wait for stability is closed with a barrier.
     Tick,
+    /// The `fence-peer` handler returned with this exit code (`None`: no
+    /// handler, or it could not run).
+    FenceDone {
+        /// Exit code; 4 (peer outdated) and 7 (peer fenced) outdate the peer.
+        code: Option<i32>,
+    },
     /// An [`Action::LocalDigest`] finished (`None`: the read failed).
     Digests {
         /// Which one.
@@ -425,6 +431,8 @@ pub enum Action {
     ResyncFinished,
     /// Run this handler (`pri-lost-after-sb`, `out-of-sync`).
     RunHandler(&'static str),
+    /// Run the `fence-peer` handler and answer [`Event::FenceDone`].
+    FencePeer,
     /// Send a frame on the current link.
     Send(Packet),
     /// Answer a client request.
@@ -493,6 +501,9 @@ pub struct Config {
     pub source_on_tie: bool,
     /// What to do when split brain is found at connect.
     pub split_brain: SplitBrainPolicy,
+    /// `fencing = "resource-only"`: a Primary that loses its peer holds
+    /// new writes until the `fence-peer` handler answers.
+    pub fencing: bool,
 }
 
 /// What the metadata said when the disk was attached.
@@ -699,6 +710,8 @@ pub struct Core {
     verify: Option<verify::Verify>,
     /// Blocks the last finished verify found different.
     last_verify: Option<u64>,
+    /// The `fence-peer` handler runs; new writes wait for it.
+    fencing: bool,
 }
 
 impl Core {
@@ -732,6 +745,7 @@ impl Core {
             discard_my_data: false,
             verify: None,
             last_verify: None,
+            fencing: false,
             counters: Counters::default(),
         }
     }
@@ -1046,6 +1060,28 @@ impl Core {
             Event::LocalDone { op, ok } => self.local_done(op, ok, out),
             Event::LinkUp { link } => self.link_up(link, out),
             Event::Digests { op, digests } => self.digests_done(op, digests, out),
+            Event::FenceDone { code } => {
+                if !self.fencing {
+                    return;
+                }
+                self.fencing = false;
+                if matches!(code, Some(4 | 7)) {
+                    out.push(Action::Log(format!(
+                        "fence-peer returned {}: the peer is outdated; writes resume",
+                        code.unwrap_or_default()
+                    )));
+                    self.persist_flags(flags::PEER_OUT_DATED, 0, out);
+                    if !self.cstate.is_connected() {
+                        self.peer_disk = DiskState::Outdated;
+                    }
+                } else {
+                    out.push(Action::Log(format!(
+                        "fence-peer returned {}: the peer was not outdated; writes resume (resource-only fencing)",
+                        code.map_or("nothing".to_string(), |c| c.to_string())
+                    )));
+                }
+                self.start_waiting(out);
+            }
             Event::LinkDown { link, cause } => self.link_lost(link, cause, out),
             Event::Tick => {
                 // Measured on 4 KiB QD32 random writes: a barrier every tick
@@ -1107,6 +1143,11 @@ impl Core {
     /// overlapping writes in the same order; a full transfer log holds
     /// everything back.
     fn start_waiting(&mut self, out: &mut Vec<Action>) {
+        if self.fencing {
+            // Until fence-peer answers, the peer may be promoted elsewhere:
+            // no new write may land that it would not have.
+            return;
+        }
         while let Some(&req) = self.waiting.front() {
             let Some(range) = self.reqs.get(&req).and_then(Request::range) else {
                 self.waiting.pop_front();
@@ -1512,6 +1553,14 @@ impl Core {
         if self.role == Role::Primary && (was_connected || peer_was_up_to_date) {
             // Invariant 5: writes from now on are a generation the peer lacks.
             self.new_current_uuid(out);
+            if self.cfg.fencing && !self.fencing {
+                self.fencing = true;
+                out.push(Action::Log(
+                    "lost the peer while Primary: new writes wait for the fence-peer handler"
+                        .into(),
+                ));
+                out.push(Action::FencePeer);
+            }
         }
         self.start_waiting(out);
     }
@@ -1924,6 +1973,7 @@ impl Core {
                 clear: 0,
             });
             self.flags |= flags::CONNECTED_IND;
+            self.persist_flags(0, flags::PEER_OUT_DATED, out);
             // Used once, as DRBD does.
             self.discard_my_data = false;
             match decision {

@@ -31,6 +31,7 @@ impl Node {
                 resync_rate: 1 << 30,
                 source_on_tie: seed % 2 == 1,
                 split_brain: SplitBrainPolicy::default(),
+                fencing: seed >= 100,
             },
             attached,
             seed,
@@ -754,4 +755,41 @@ fn detach_and_attach_on_the_secondary() {
     assert_eq!(a.core.cstate(), ConnState::SyncSource);
     assert_eq!(b.core.disk(), DiskState::Inconsistent);
     assert_eq!(a.core.peer_disk(), DiskState::Inconsistent);
+}
+
+/// `fencing = "resource-only"`: a Primary that loses its peer starts no new
+/// write until fence-peer answers; exit code 4 outdates the peer.
+#[test]
+fn resource_only_fencing_holds_writes_until_fence_peer_answers() {
+    // Seeds of 100 and more turn fencing on (see Node::new).
+    let mut a = Node::new(Protocol::C, attached_up_to_date(0xAAA0), 101);
+    let mut b = Node::new(Protocol::C, attached_up_to_date(0xAAA0), 102);
+    connect(&mut a, &mut b);
+    a.core.promote(false, &mut a.actions).unwrap();
+    exchange(&mut a, &mut b);
+    assert_eq!(a.core.role(), Role::Primary);
+    a.feed(Event::LinkDown {
+        link: 1,
+        cause: ConnState::BrokenPipe,
+    });
+    let acts = a.take();
+    assert!(acts.contains(&Action::FencePeer), "{acts:?}");
+    a.feed(write(9, 0));
+    let acts = a.take();
+    assert!(
+        !acts.iter().any(|x| matches!(x, Action::AlBegin { .. })),
+        "a write started before fence-peer answered: {acts:?}"
+    );
+    a.feed(Event::FenceDone { code: Some(4) });
+    let acts = a.take();
+    assert!(
+        acts.iter()
+            .any(|x| matches!(x, Action::AlBegin { req: 9, .. })),
+        "{acts:?}"
+    );
+    assert!(acts.contains(&Action::PersistFlags {
+        set: flags::PEER_OUT_DATED,
+        clear: 0
+    }));
+    assert_eq!(a.core.peer_disk(), DiskState::Outdated);
 }

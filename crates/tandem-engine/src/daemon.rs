@@ -296,6 +296,7 @@ async fn run_async(opts: DaemonOptions, ready: impl FnOnce()) -> Result<(), Stri
             resync_rate: cfg.disk.resync_rate,
             source_on_tie: me.name < peer.name,
             split_brain: split_brain_policy(&cfg.net, &me.name),
+            fencing: cfg.net.fencing,
         },
         Attached {
             gens: md.generations(),
@@ -1233,6 +1234,20 @@ impl Actor {
             }
             Action::Log(s) => info!("{s}"),
             Action::RunHandler(name) => self.run_handler(name),
+            Action::FencePeer => match self.spawn_handler("fence-peer") {
+                Some(child) => {
+                    let tx = self.tx.clone();
+                    tokio::task::spawn_blocking(move || {
+                        let code = child.and_then(|mut c| c.wait().ok()).and_then(|s| s.code());
+                        info!("fence-peer handler exited with {code:?}");
+                        let _ = tx.blocking_send(Input::Core(Event::FenceDone { code }));
+                    });
+                }
+                None => {
+                    warn!("fencing is resource-only but no fence-peer handler is configured");
+                    self.internal.push_back(Event::FenceDone { code: None });
+                }
+            },
             // Answered at the end of the batch, once the role is visible
             // to the NBD gate.
             Action::PromotionDone(r) => self.promotion_result = Some(r),
@@ -1325,9 +1340,19 @@ impl Actor {
     }
 
     fn run_handler(&self, name: &str) {
-        let Some(cmd) = self.handlers.get(name) else {
-            return;
-        };
+        if let Some(Some(mut child)) = self.spawn_handler(name) {
+            let name = name.to_string();
+            tokio::task::spawn_blocking(move || match child.wait() {
+                Ok(s) => info!("{name} handler exited with {s}"),
+                Err(e) => warn!("{name} handler: {e}"),
+            });
+        }
+    }
+
+    /// Start handler `name`: `None` when none is configured, `Some(None)`
+    /// when it could not be started (logged).
+    fn spawn_handler(&self, name: &str) -> Option<Option<std::process::Child>> {
+        let cmd = self.handlers.get(name)?;
         let cstate = self.core.cstate().to_string();
         match std::process::Command::new("/bin/sh")
             .arg("-c")
@@ -1338,16 +1363,14 @@ impl Actor {
             .env("TANDEM_CSTATE", &cstate)
             .env("DRBD_RESOURCE", &self.res)
             .env("DRBD_PEER", &self.peer_name)
+            .env("DRBD_MINOR", "0")
             .spawn()
         {
-            Ok(mut child) => {
-                let name = name.to_string();
-                tokio::task::spawn_blocking(move || match child.wait() {
-                    Ok(s) => info!("{name} handler exited with {s}"),
-                    Err(e) => warn!("{name} handler: {e}"),
-                });
+            Ok(child) => Some(Some(child)),
+            Err(e) => {
+                warn!("cannot run the {name} handler {cmd:?}: {e}");
+                Some(None)
             }
-            Err(e) => warn!("cannot run the {name} handler {cmd:?}: {e}"),
         }
     }
 

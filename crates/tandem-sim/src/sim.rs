@@ -752,6 +752,7 @@ impl Sim {
                 resync_rate: 1 << 40,
                 source_on_tie: n == 0,
                 split_brain: self.opts.split_brain,
+                fencing: self.seed % 2 == 1,
             },
             attached,
             self.rng.next_u64(),
@@ -967,6 +968,10 @@ impl Sim {
                 self.meta(r)?;
             }
             Action::RunHandler(_) => {}
+            // The handler outdates the peer (it answers at the next pump).
+            Action::FencePeer => self
+                .queue
+                .push_back((n, Event::FenceDone { code: Some(4) })),
             Action::ResyncFinished => {
                 self.stats.resyncs += 1;
                 for x in &mut self.nodes {
