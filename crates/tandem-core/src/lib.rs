@@ -91,6 +91,14 @@ pub enum OpId {
         /// Flush number.
         n: u64,
     },
+    /// Checksum-based resync: digests of resync request `id`'s range
+    /// (the target's own, or the source's to compare).
+    CsumRead {
+        /// Link number.
+        link: u64,
+        /// The resync request.
+        id: u64,
+    },
     /// Verify: digests of the range of verify request `id` (ours or the
     /// peer's).
     VerifyRead {
@@ -239,6 +247,27 @@ pub enum Packet {
     },
     /// SyncSource's data for a request (payload beside it, as for `Data`).
     RsData {
+        /// Request id.
+        id: u64,
+        /// Byte offset.
+        offset: u64,
+        /// Byte length.
+        len: u64,
+    },
+    /// Checksum-based resync: the target's digests of a range; the source
+    /// answers with `RsData` for the span that differs (if any), then
+    /// `RsInSync` for the whole request.
+    CsumRequest {
+        /// Request id.
+        id: u64,
+        /// Byte offset.
+        offset: u64,
+        /// crc32c of every 4 KiB block.
+        digests: Vec<u32>,
+    },
+    /// Checksum-based resync: every block of the request not sent as data
+    /// is identical on both nodes.
+    RsInSync {
         /// Request id.
         id: u64,
         /// Byte offset.
@@ -504,6 +533,9 @@ pub struct Config {
     /// `fencing = "resource-only"`: a Primary that loses its peer holds
     /// new writes until the `fence-peer` handler answers.
     pub fencing: bool,
+    /// `csums-alg`: as SyncTarget, send block digests and receive only the
+    /// blocks that differ.
+    pub csums: bool,
 }
 
 /// What the metadata said when the disk was attached.
@@ -1352,7 +1384,7 @@ impl Core {
             }
             OpId::ResyncFlush { link, n } => self.rs_flush_done(link, n, ok, out),
             OpId::ResyncRead { link, id } => self.rs_read_done(link, id, ok, out),
-            OpId::VerifyRead { .. } => {}
+            OpId::VerifyRead { .. } | OpId::CsumRead { .. } => {}
             OpId::Peer { link, seq } => {
                 if let Some(range) = self.rx.inflight.remove(&op) {
                     self.counters.disk_written += range.end - range.start;
@@ -1721,6 +1753,8 @@ impl Core {
             | Packet::RsRequest { .. }
             | Packet::RsData { .. }
             | Packet::RsNegAck { .. }
+            | Packet::CsumRequest { .. }
+            | Packet::RsInSync { .. }
             | Packet::RsAck { .. }
             | Packet::SyncPause { .. }) => self.sync_packet(p, out),
             p @ (Packet::OvRequest { .. } | Packet::OvReply { .. } | Packet::OvDone { .. }) => {

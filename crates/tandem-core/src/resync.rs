@@ -107,8 +107,22 @@ pub(crate) struct Sync {
     // --- source ---
     /// Peer requests being read locally, by id.
     pub(crate) reads: BTreeMap<u64, Range<u64>>,
-    /// Peer requests waiting for overlapping client writes.
-    queued: VecDeque<(u64, Range<u64>)>,
+    /// Peer requests waiting for overlapping client writes, with the
+    /// target's digests for a checksum-based one.
+    queued: VecDeque<(u64, Range<u64>, Option<Vec<u32>>)>,
+    /// Checksum-based requests: the target's digests while ours are
+    /// computed (source).
+    theirs: BTreeMap<u64, Vec<u32>>,
+    /// Checksum-based requests: the span that differs and is being read
+    /// (source), or has arrived as data (target).
+    span: BTreeMap<u64, Range<u64>>,
+    /// Checksum-based resync (target).
+    csums: bool,
+    /// Requests being read or compared (source) when their range was
+    /// marked out of sync again: served without clearing the bits later.
+    poisoned: std::collections::BTreeSet<u64>,
+    /// Requests sent plain although `csums` is on (our digests failed).
+    plain: std::collections::BTreeSet<u64>,
     /// Ranges sent, by start, until the target acknowledges them stable.
     /// A range marked out of sync again meanwhile (a failed local write)
     /// is dropped from here, so the late ack cannot clear the new bit.
@@ -134,6 +148,11 @@ impl Sync {
             failed: false,
             reads: BTreeMap::new(),
             queued: VecDeque::new(),
+            theirs: BTreeMap::new(),
+            span: BTreeMap::new(),
+            csums: false,
+            plain: std::collections::BTreeSet::new(),
+            poisoned: std::collections::BTreeSet::new(),
             served: BTreeMap::new(),
         }
     }
@@ -211,7 +230,9 @@ impl Core {
             }
         }
         let budget = self.tick_budget();
-        self.sync = Some(Sync::new(side, budget));
+        let mut sync = Sync::new(side, budget);
+        sync.csums = self.cfg.csums;
+        self.sync = Some(sync);
         self.cstate = self.sync_cstate();
         out.push(Action::Log(format!(
             "resync starts: this node is {}{}",
@@ -301,6 +322,15 @@ impl Core {
     pub(crate) fn poison_served(&mut self, range: &Range<u64>) {
         if let Some(s) = self.sync.as_mut() {
             s.served.retain(|&a, &mut e| !overlaps(&(a..e), range));
+            let hit: Vec<u64> = s
+                .reads
+                .iter()
+                .map(|(&id, r)| (id, r))
+                .chain(s.queued.iter().map(|q| (q.0, &q.1)))
+                .filter(|(_, r)| overlaps(r, range))
+                .map(|(id, _)| id)
+                .collect();
+            s.poisoned.extend(hit);
         }
     }
 
@@ -384,7 +414,16 @@ impl Core {
                     self.cstate = self.sync_cstate();
                 }
             }
-            Packet::RsRequest { id, offset, len } => self.rs_request(id, offset, len, out),
+            Packet::RsRequest { id, offset, len } => self.rs_request(id, offset, len, None, out),
+            Packet::CsumRequest {
+                id,
+                offset,
+                digests,
+            } => {
+                let len = digests.len() as u64 * BLOCK;
+                self.rs_request(id, offset, len, Some(digests), out)
+            }
+            Packet::RsInSync { id, offset, len } => self.rs_in_sync(id, offset, len, out),
             Packet::RsData { id, offset, len } => self.rs_data(id, offset, len, out),
             Packet::RsNegAck { id } => {
                 let Some(s) = self.sync.as_mut().filter(|s| s.side == SyncSide::Target) else {
@@ -420,7 +459,14 @@ impl Core {
     }
 
     /// Source: the target asks for a range.
-    fn rs_request(&mut self, id: u64, offset: u64, len: u64, out: &mut Vec<Action>) {
+    fn rs_request(
+        &mut self,
+        id: u64,
+        offset: u64,
+        len: u64,
+        digests: Option<Vec<u32>>,
+        out: &mut Vec<Action>,
+    ) {
         let size = self.cfg.size;
         let Some(s) = self.sync.as_mut().filter(|s| s.side == SyncSide::Source) else {
             return self.protocol_error("resync request to a node that is not SyncSource", out);
@@ -432,7 +478,7 @@ impl Core {
         if s.reads.len() + s.queued.len() >= RESYNC_SOURCE_QUEUE {
             return self.protocol_error("peer overran the resync request queue", out);
         }
-        s.queued.push_back((id, offset..offset + len));
+        s.queued.push_back((id, offset..offset + len, digests));
         self.start_rs_reads(out);
     }
 
@@ -441,7 +487,10 @@ impl Core {
     pub(crate) fn start_rs_reads(&mut self, out: &mut Vec<Action>) {
         let Some(link) = self.link else { return };
         loop {
-            let Some((id, range)) = self.sync.as_ref().and_then(|s| s.queued.front().cloned())
+            let Some((id, range)) = self
+                .sync
+                .as_ref()
+                .and_then(|s| s.queued.front().map(|q| (q.0, q.1.clone())))
             else {
                 return;
             };
@@ -455,16 +504,28 @@ impl Core {
             if busy {
                 return;
             }
-            if let Some(s) = self.sync.as_mut() {
-                s.queued.pop_front();
-                s.reads.insert(id, range.clone());
+            let Some(s) = self.sync.as_mut() else { return };
+            let digests = s.queued.pop_front().and_then(|q| q.2);
+            s.reads.insert(id, range.clone());
+            let len = range.end - range.start;
+            match digests {
+                Some(d) => {
+                    s.theirs.insert(id, d);
+                    out.push(Action::LocalDigest {
+                        op: OpId::CsumRead { link, id },
+                        offset: range.start,
+                        len,
+                    });
+                }
+                None => {
+                    self.counters.local_pending += 1;
+                    out.push(Action::LocalRead {
+                        op: OpId::ResyncRead { link, id },
+                        offset: range.start,
+                        len,
+                    });
+                }
             }
-            self.counters.local_pending += 1;
-            out.push(Action::LocalRead {
-                op: OpId::ResyncRead { link, id },
-                offset: range.start,
-                len: range.end - range.start,
-            });
         }
     }
 
@@ -475,17 +536,27 @@ impl Core {
             return;
         };
         if current {
-            let len = range.end - range.start;
+            let span = self.sync.as_mut().and_then(|s| s.span.remove(&id));
             if ok {
-                self.counters.resync_sent += len;
+                let data = span.clone().unwrap_or(range.clone());
+                self.counters.resync_sent += data.end - data.start;
                 if let Some(s) = self.sync.as_mut() {
-                    s.served.insert(range.start, range.end);
+                    if !s.poisoned.remove(&id) {
+                        s.served.insert(range.start, range.end);
+                    }
                 }
                 out.push(Action::Send(Packet::RsData {
                     id,
-                    offset: range.start,
-                    len,
+                    offset: data.start,
+                    len: data.end - data.start,
                 }));
+                if span.is_some() {
+                    out.push(Action::Send(Packet::RsInSync {
+                        id,
+                        offset: range.start,
+                        len: range.end - range.start,
+                    }));
+                }
             } else {
                 out.push(Action::Send(Packet::RsNegAck { id }));
             }
@@ -500,9 +571,29 @@ impl Core {
         let Some(s) = self.sync.as_mut().filter(|s| s.side == SyncSide::Target) else {
             return self.protocol_error("resync data to a node that is not SyncTarget", out);
         };
-        match s.requested.remove(&id) {
-            Some(r) if r.start == offset && r.end - r.start == len => {}
-            _ => {
+        let csum = s.csums && !s.plain.contains(&id);
+        if !csum {
+            s.plain.remove(&id);
+        }
+        let fits = match s.requested.get(&id) {
+            // A checksum-based request is answered by the span that differs,
+            // then RsInSync; a plain one by exactly its range.
+            Some(r) if csum => {
+                r.start <= offset && offset + len <= r.end && !s.span.contains_key(&id)
+            }
+            Some(r) => r.start == offset && r.end - r.start == len,
+            None => false,
+        };
+        if fits {
+            if csum {
+                s.span.insert(id, offset..offset + len);
+            } else {
+                s.requested.remove(&id);
+            }
+        }
+        match fits {
+            true => {}
+            false => {
                 return self.protocol_error(
                     &format!("resync data {offset}+{len} answers no request {id}"),
                     out,
@@ -514,6 +605,113 @@ impl Core {
             .queue
             .push_back(Incoming::Resync { id, offset, len });
         self.drain_incoming(out);
+    }
+
+    /// Target: the rest of a checksum-based request is identical.
+    fn rs_in_sync(&mut self, id: u64, offset: u64, len: u64, out: &mut Vec<Action>) {
+        let Some(s) = self
+            .sync
+            .as_mut()
+            .filter(|s| s.side == SyncSide::Target && s.csums)
+        else {
+            return self.protocol_error("RsInSync to a node not resyncing by checksums", out);
+        };
+        let range = match s.requested.remove(&id) {
+            Some(r) if r.start == offset && r.end - r.start == len => r,
+            _ => {
+                return self.protocol_error(
+                    &format!("RsInSync {offset}+{len} answers no request {id}"),
+                    out,
+                )
+            }
+        };
+        let span = s.span.remove(&id);
+        let same: Vec<Range<u64>> = match &span {
+            None => vec![range],
+            Some(d) => [range.start..d.start, d.end..range.end]
+                .into_iter()
+                .filter(|r| !r.is_empty())
+                .collect(),
+        };
+        for r in same {
+            out.push(Action::MarkInSync { range: r.clone() });
+            s.written_bytes += r.end - r.start;
+            s.written.push(r);
+        }
+    }
+
+    /// Checksum-based resync: our digests of request `id` are ready.
+    pub(crate) fn csum_digests_done(
+        &mut self,
+        link: u64,
+        id: u64,
+        digests: Option<Vec<u32>>,
+        out: &mut Vec<Action>,
+    ) {
+        if self.link != Some(link) {
+            return;
+        }
+        let Some(s) = self.sync.as_mut() else { return };
+        match s.side {
+            SyncSide::Target => {
+                let Some(r) = s.requested.get(&id).cloned() else {
+                    return;
+                };
+                out.push(Action::Send(match digests {
+                    Some(digests) => Packet::CsumRequest {
+                        id,
+                        offset: r.start,
+                        digests,
+                    },
+                    // Unreadable here: ask for the data itself.
+                    None => {
+                        s.plain.insert(id);
+                        Packet::RsRequest {
+                            id,
+                            offset: r.start,
+                            len: r.end - r.start,
+                        }
+                    }
+                }));
+            }
+            SyncSide::Source => {
+                let Some(range) = s.reads.get(&id).cloned() else {
+                    return;
+                };
+                let theirs = s.theirs.remove(&id).unwrap_or_default();
+                let mine = digests.unwrap_or_default();
+                let blocks = (range.end - range.start).div_ceil(BLOCK) as usize;
+                let differs = |i: &usize| mine.get(*i).is_none() || mine.get(*i) != theirs.get(*i);
+                let first = (0..blocks).find(differs);
+                let last = (0..blocks).rev().find(differs);
+                match (first, last) {
+                    (Some(f), Some(l)) => {
+                        let start = range.start + f as u64 * BLOCK;
+                        let end = (range.start + (l as u64 + 1) * BLOCK).min(range.end);
+                        s.span.insert(id, start..end);
+                        self.counters.local_pending += 1;
+                        out.push(Action::LocalRead {
+                            op: OpId::ResyncRead { link, id },
+                            offset: start,
+                            len: end - start,
+                        });
+                    }
+                    _ => {
+                        s.reads.remove(&id);
+                        if !s.poisoned.remove(&id) {
+                            s.served.insert(range.start, range.end);
+                        }
+                        out.push(Action::Send(Packet::RsInSync {
+                            id,
+                            offset: range.start,
+                            len: range.end - range.start,
+                        }));
+                        self.start_waiting(out);
+                        self.start_rs_reads(out);
+                    }
+                }
+            }
+        }
     }
 
     /// Target: a resync write finished.
@@ -582,6 +780,10 @@ impl Core {
         self.local_oos = bm.dirty_bytes();
         self.pump_verify(out);
         let Some(link) = self.link else { return };
+        // Nothing below matters on the write path without a target resync.
+        if !matches!(&self.sync, Some(s) if s.running) {
+            return;
+        }
         let size = self.cfg.size;
         let writing = self
             .rx
@@ -594,6 +796,16 @@ impl Core {
                 .iter()
                 .any(|i| matches!(i, Incoming::Resync { .. }));
         let oos = self.local_oos;
+        let landing: Vec<Range<u64>> = self
+            .rx
+            .inflight
+            .values()
+            .cloned()
+            .chain(self.rx.queue.iter().filter_map(|i| match i {
+                Incoming::Write { offset, len, .. } => Some(*offset..offset + len),
+                _ => None,
+            }))
+            .collect();
         let Some(s) = self.sync.as_mut() else { return };
         if !s.running {
             return;
@@ -609,6 +821,12 @@ impl Core {
                 s.cursor = size;
                 break;
             };
+            // Our digests must not be taken under a write still landing
+            // here (from an earlier link): the data would change after
+            // the comparison called it identical.
+            if s.csums && landing.iter().any(|w| overlaps(w, &r)) {
+                break;
+            }
             // Ranges already asked for keep their bits until written.
             let pending = s.requested.values().any(|q| overlaps(q, &r));
             s.cursor = r.end;
@@ -619,11 +837,19 @@ impl Core {
             s.next_id += 1;
             s.budget = s.budget.saturating_sub(r.end - r.start);
             s.requested.insert(id, r.clone());
-            out.push(Action::Send(Packet::RsRequest {
-                id,
-                offset: r.start,
-                len: r.end - r.start,
-            }));
+            if s.csums {
+                out.push(Action::LocalDigest {
+                    op: OpId::CsumRead { link, id },
+                    offset: r.start,
+                    len: r.end - r.start,
+                });
+            } else {
+                out.push(Action::Send(Packet::RsRequest {
+                    id,
+                    offset: r.start,
+                    len: r.end - r.start,
+                }));
+            }
         }
         let idle = s.requested.is_empty() && !writing;
         if s.flushing.is_none() && !s.written.is_empty() && (s.written_bytes >= FLUSH_BATCH || idle)

@@ -32,6 +32,7 @@ impl Node {
                 source_on_tie: seed % 2 == 1,
                 split_brain: SplitBrainPolicy::default(),
                 fencing: seed >= 100,
+                csums: false,
             },
             attached,
             seed,

@@ -144,8 +144,10 @@ impl Core {
         digests: Option<Vec<u32>>,
         out: &mut Vec<Action>,
     ) {
-        let OpId::VerifyRead { link, id } = op else {
-            return;
+        let (link, id) = match op {
+            OpId::VerifyRead { link, id } => (link, id),
+            OpId::CsumRead { link, id } => return self.csum_digests_done(link, id, digests, out),
+            _ => return,
         };
         if self.link != Some(link) {
             return;

@@ -297,6 +297,7 @@ async fn run_async(opts: DaemonOptions, ready: impl FnOnce()) -> Result<(), Stri
             source_on_tie: me.name < peer.name,
             split_brain: split_brain_policy(&cfg.net, &me.name),
             fencing: cfg.net.fencing,
+            csums: cfg.net.csums,
         },
         Attached {
             gens: md.generations(),
@@ -1461,6 +1462,20 @@ impl Actor {
                 M::RsData { id, offset, data }
             }
             Packet::RsNegAck { id } => M::RsNegAck { id },
+            Packet::CsumRequest {
+                id,
+                offset,
+                digests,
+            } => M::CsumRequest {
+                id,
+                offset,
+                digests,
+            },
+            Packet::RsInSync { id, offset, len } => M::RsInSync {
+                id,
+                offset,
+                len: len as u32,
+            },
             Packet::RsAck { offset, len } => M::RsAck {
                 offset,
                 len: len as u32,
@@ -1611,6 +1626,20 @@ impl Actor {
                         Packet::RsData { id, offset, len }
                     }
                     M::RsNegAck { id } => Packet::RsNegAck { id },
+                    M::CsumRequest {
+                        id,
+                        offset,
+                        digests,
+                    } => Packet::CsumRequest {
+                        id,
+                        offset,
+                        digests,
+                    },
+                    M::RsInSync { id, offset, len } => Packet::RsInSync {
+                        id,
+                        offset,
+                        len: len.into(),
+                    },
                     M::RsAck { offset, len } => Packet::RsAck {
                         offset,
                         len: len.into(),

@@ -753,6 +753,7 @@ impl Sim {
                 source_on_tie: n == 0,
                 split_brain: self.opts.split_brain,
                 fencing: self.seed % 2 == 1,
+                csums: self.seed % 4 >= 2,
             },
             attached,
             self.rng.next_u64(),
@@ -908,7 +909,8 @@ impl Sim {
                     OpId::PeerBarrier { .. }
                     | OpId::ResyncFlush { .. }
                     | OpId::ResyncRead { .. }
-                    | OpId::VerifyRead { .. } => {
+                    | OpId::VerifyRead { .. }
+                    | OpId::CsumRead { .. } => {
                         return Err(self.fail(Check::Driver, "a local write with a non-write id"))
                     }
                 };
