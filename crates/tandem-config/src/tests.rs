@@ -267,7 +267,7 @@ fn errors_name_file_key_and_expectation() {
         (with_net("after-sb-1pri = \"discard-older-primary\""), "net.after-sb-1pri: expected disconnect, consensus, violently-as0p, discard-secondary or call-pri-lost-after-sb, found \"discard-older-primary\"".into()),
         (with_net("after-sb-2pri = \"consensus\""), "net.after-sb-2pri: expected disconnect, violently-as0p or call-pri-lost-after-sb, found \"consensus\"".into()),
         (with_net("after-sb-2pri = true"), "net.after-sb-2pri: expected disconnect, violently-as0p or call-pri-lost-after-sb, found true".into()),
-        (edit("shared-secret", "shared-secrt"), "net.shared-secrt: unknown key; expected one of shared-secret, ping-int, ping-timeout, timeout, connect-int, after-sb-0pri, after-sb-1pri, after-sb-2pri, data-integrity-alg".into()),
+        (edit("shared-secret", "shared-secrt"), "net.shared-secrt: unknown key; expected one of shared-secret, ping-int, ping-timeout, timeout, connect-int, after-sb-0pri, after-sb-1pri, after-sb-2pri, data-integrity-alg, fencing, csums-alg, verify-alg".into()),
         (with_net("data-integrity-alg = \"md5\""), "net.data-integrity-alg: expected none or crc32c, found \"md5\"".into()),
         (edit("[net]\nshared-secret", "net = 5\n# shared-secret"), "net: expected a table ([net]), found 5".into()),
         // [disk]
