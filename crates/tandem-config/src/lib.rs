@@ -158,6 +158,8 @@ pub struct DiskConfig {
     pub al_extents: u32,
     /// Resync rate in bytes per second.
     pub resync_rate: u64,
+    /// Resync rate while application I/O is seen (DRBD's `c-min-rate`).
+    pub c_min_rate: u64,
     /// What a local I/O error does.
     pub on_io_error: OnIoError,
 }
@@ -343,7 +345,7 @@ const NET_KEYS: &[&str] = &[
     "csums-alg",
     "verify-alg",
 ];
-const DISK_KEYS: &[&str] = &["al-extents", "resync-rate", "on-io-error"];
+const DISK_KEYS: &[&str] = &["al-extents", "resync-rate", "c-min-rate", "on-io-error"];
 const NODE_KEYS: &[&str] = &["name", "address", "disk", "meta-disk", "nbd"];
 
 /// Parse the text of `file`, the configuration of `resource`. `file` is
@@ -428,6 +430,7 @@ impl Default for DiskConfig {
         Self {
             al_extents: 1237,
             resync_rate: 100 << 20,
+            c_min_rate: 250 << 10,
             on_io_error: OnIoError::Detach,
         }
     }
@@ -561,6 +564,20 @@ fn read_disk(s: &mut Section<'_>) -> Result<DiskConfig, ConfigError> {
             ))
         }
     };
+    let c_min_rate = match s.value("c-min-rate") {
+        None => d.c_min_rate,
+        Some(toml::Value::String(v)) => parse_rate(&v).map_err(|m| s.error("c-min-rate", m))?,
+        Some(toml::Value::Integer(n)) => match u64::try_from(n) {
+            Ok(n) if n > 0 => n,
+            _ => return Err(s.error("c-min-rate", format!("must be more than zero, found {n}"))),
+        },
+        Some(other) => {
+            return Err(s.error(
+                "c-min-rate",
+                format!("expected {}, found {}", values::RATE, describe(&other)),
+            ))
+        }
+    };
     let on_io_error = choose(
         s,
         "on-io-error",
@@ -574,6 +591,7 @@ fn read_disk(s: &mut Section<'_>) -> Result<DiskConfig, ConfigError> {
     Ok(DiskConfig {
         al_extents,
         resync_rate,
+        c_min_rate,
         on_io_error,
     })
 }

@@ -282,7 +282,7 @@ fn errors_name_file_key_and_expectation() {
         (with_disk("resync-rate = \"99999999999999999999T\""), "disk.resync-rate: must be less than 16 EiB per second, found \"99999999999999999999T\"".into()),
         (with_disk("resync-rate = [1]"), "disk.resync-rate: expected a rate like \"100MiB\" or \"250K\", found an array".into()),
         (with_disk("on-io-error = \"panic\""), "disk.on-io-error: expected detach, pass_on or call-local-io-error, found \"panic\"".into()),
-        (with_disk("al-extent = 7"), "disk.al-extent: unknown key; expected one of al-extents, resync-rate, on-io-error".into()),
+        (with_disk("al-extent = 7"), "disk.al-extent: unknown key; expected one of al-extents, resync-rate, c-min-rate, on-io-error".into()),
         // [[node]]: each field
         (edit("nbd = \"127.0.0.1:10810\"", ""), "node[1].nbd: missing; expected HOST:PORT (e.g. \"127.0.0.1:10809\") or \"unix:/ABSOLUTE/PATH\"".into()),
         (edit("name = \"alpha\"", ""), "node[0].name: missing; expected a node name of 1 to 64 letters, digits, '_', '-' or '.', not starting with '.'".into()),

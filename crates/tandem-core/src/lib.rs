@@ -523,6 +523,8 @@ pub struct Config {
     pub size: u64,
     /// Resync rate limit in bytes per second.
     pub resync_rate: u64,
+    /// The SyncSource's rate while application I/O is seen.
+    pub c_min_rate: u64,
     /// When nothing else decides the direction of a resync (equal
     /// generations, both consistent, neither crashed nor Primary), the node
     /// with this set is the source; the driver sets it on exactly one node
@@ -744,6 +746,12 @@ pub struct Core {
     last_verify: Option<u64>,
     /// The `fence-peer` handler runs; new writes wait for it.
     fencing: bool,
+    /// Application I/O seen since the last tick / in the last tick.
+    app_seen: bool,
+    app_active: bool,
+    /// SyncSource: bytes it may still read for the peer in this tick while
+    /// application I/O is active (may run into debt by one request).
+    source_budget: i64,
 }
 
 impl Core {
@@ -778,6 +786,9 @@ impl Core {
             verify: None,
             last_verify: None,
             fencing: false,
+            app_seen: false,
+            app_active: false,
+            source_budget: 0,
             counters: Counters::default(),
         }
     }
@@ -1122,7 +1133,7 @@ impl Core {
                 if self.cstate.is_connected() && self.unstable.contains_key(&self.epoch) {
                     self.close_epoch(false, out);
                 }
-                self.sync_tick();
+                self.sync_tick(out);
             }
             Event::Packet { link, packet } => {
                 if self.link == Some(link) {
@@ -1148,6 +1159,7 @@ impl Core {
             });
             return;
         }
+        self.app_seen = true;
         self.reqs.insert(
             req,
             Request {
@@ -1299,7 +1311,14 @@ impl Core {
         });
     }
 
+    /// Application I/O the core does not see (reads) happened: the dynamic
+    /// resync controller counts it.
+    pub fn note_app_io(&mut self) {
+        self.app_seen = true;
+    }
+
     fn client_flush(&mut self, req: ReqId, out: &mut Vec<Action>) {
+        self.app_seen = true;
         let mut r = Request {
             kind: ReqKind::Flush,
             pending: LOCAL,

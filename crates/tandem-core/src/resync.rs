@@ -314,6 +314,7 @@ impl Core {
             out.push(Action::Send(Packet::SyncPause { paused }));
         }
         self.cstate = self.sync_cstate();
+        self.start_rs_reads(out);
         Ok(())
     }
 
@@ -413,6 +414,7 @@ impl Core {
                     s.paused_peer = paused;
                     self.cstate = self.sync_cstate();
                 }
+                self.start_rs_reads(out);
             }
             Packet::RsRequest { id, offset, len } => self.rs_request(id, offset, len, None, out),
             Packet::CsumRequest {
@@ -501,8 +503,15 @@ impl Core {
                     && r.pending & (LOCAL | AL) != 0
                     && r.range().is_some_and(|o| overlaps(&o, &range))
             }) || self.rx.inflight.values().any(|o| overlaps(o, &range));
-            if busy {
+            if busy || self.sync.as_ref().is_some_and(Sync::paused) {
                 return;
+            }
+            if self.app_active {
+                if self.source_budget <= 0 {
+                    return;
+                }
+                let cost = i64::try_from(range.end - range.start).unwrap_or(i64::MAX);
+                self.source_budget = self.source_budget.saturating_sub(cost);
             }
             let Some(s) = self.sync.as_mut() else { return };
             let digests = s.queued.pop_front().and_then(|q| q.2);
@@ -925,12 +934,18 @@ impl Core {
         self.send_state(out);
     }
 
-    /// The rate limit's tick.
-    pub(crate) fn sync_tick(&mut self) {
+    /// The rate limit's tick, and the dynamic controller's: application
+    /// I/O in the last tick limits the source to `c-min-rate`.
+    pub(crate) fn sync_tick(&mut self, out: &mut Vec<Action>) {
         let b = self.tick_budget();
         if let Some(s) = self.sync.as_mut() {
             s.budget = b;
         }
+        self.app_active = std::mem::take(&mut self.app_seen);
+        let min = i64::try_from(self.cfg.c_min_rate / 10).unwrap_or(i64::MAX);
+        // Debt from the last tick carries over; credit does not pile up.
+        self.source_budget = (self.source_budget.min(0)).saturating_add(min.max(1));
+        self.start_rs_reads(out);
     }
 }
 

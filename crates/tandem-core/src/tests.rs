@@ -29,6 +29,7 @@ impl Node {
                 protocol,
                 size: SIZE,
                 resync_rate: 1 << 30,
+                c_min_rate: 1 << 30,
                 source_on_tie: seed % 2 == 1,
                 split_brain: SplitBrainPolicy::default(),
                 fencing: seed >= 100,

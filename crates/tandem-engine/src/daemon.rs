@@ -93,6 +93,9 @@ enum Input {
 #[derive(Default)]
 struct Shared {
     primary: AtomicBool,
+    /// An NBD read happened since the last tick (the dynamic resync
+    /// controller counts reads, which bypass the actor).
+    app_read: AtomicBool,
     stopping: AtomicBool,
 }
 
@@ -106,6 +109,7 @@ struct Replicated {
     /// What the device advertised at start (fixed for the NBD server).
     caps: Capabilities,
     tx: mpsc::Sender<Input>,
+    shared: Arc<Shared>,
 }
 
 /// The local disk, shared between the actor and the NBD frontend.
@@ -143,6 +147,10 @@ impl BlockDevice for Replicated {
         c
     }
     async fn read(&self, offset: u64, len: usize) -> io::Result<Bytes> {
+        // Load first: a store on every read would bounce the cache line.
+        if !self.shared.app_read.load(Ordering::Relaxed) {
+            self.shared.app_read.store(true, Ordering::Relaxed);
+        }
         disk_of(&self.local)?.read(offset, len).await
     }
     async fn write(&self, offset: u64, data: Bytes, fua: bool) -> io::Result<()> {
@@ -294,6 +302,7 @@ async fn run_async(opts: DaemonOptions, ready: impl FnOnce()) -> Result<(), Stri
             protocol,
             size,
             resync_rate: cfg.disk.resync_rate,
+            c_min_rate: cfg.disk.c_min_rate,
             source_on_tie: me.name < peer.name,
             split_brain: split_brain_policy(&cfg.net, &me.name),
             fencing: cfg.net.fencing,
@@ -370,6 +379,7 @@ async fn run_async(opts: DaemonOptions, ready: impl FnOnce()) -> Result<(), Stri
         caps: local.capabilities(),
         local: Arc::clone(&slot),
         tx: tx.clone(),
+        shared: Arc::clone(&shared),
     });
     let nbd_addr = ListenAddr::parse(&me.nbd).map_err(|e| format!("node.nbd: {e}"))?;
     let nbd = tokio::spawn(nbd_supervisor(
@@ -1692,6 +1702,9 @@ impl Actor {
     }
 
     async fn tick(&mut self) {
+        if self.shared.app_read.swap(false, Ordering::Relaxed) {
+            self.core.note_app_io();
+        }
         self.feed(Event::Tick).await;
         let c = self.core.counters();
         let moved = c.resync_sent + c.resync_received;

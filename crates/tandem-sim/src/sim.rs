@@ -750,6 +750,8 @@ impl Sim {
                 protocol: self.opts.protocol,
                 size: SIZE,
                 resync_rate: 1 << 40,
+                // A third of the seeds throttle the source under client I/O.
+                c_min_rate: if self.seed % 3 == 2 { 1 << 20 } else { 1 << 40 },
                 source_on_tie: n == 0,
                 split_brain: self.opts.split_brain,
                 fencing: self.seed % 2 == 1,
