@@ -149,6 +149,49 @@ for pct in 10 1; do
   after=$(json alpha 'r["counters"]["resync-bytes-sent"]')
   rows+=("$pct %|$((after - before))|$(phase)|$(python3 -c "print($t1 - $t0)")")
 done
+
+# Client latency during a resync: fio 4 KiB random writes at QD1 on the
+# Primary for 5 s, on an idle pair, and while beta resyncs everything
+# (invalidate) with the dynamic controller (c-min-rate 250KiB, the default)
+# and without it (c-min-rate = resync-rate). resync-rate is 400MiB here so
+# that an uncontrolled full resync outlasts the 5 s.
+qd1() {
+  local out="$dir/qd1-$1.json"
+  fio --name=qd1 --ioengine=nbd --uri="nbd://127.0.0.1:$na" --rw=randwrite --bs=4k \
+    --iodepth=1 --size="$data" --time_based --runtime=5 --randseed=7 \
+    --output-format=json --output="$out" >/dev/null
+  python3 - "$out" <<'PY'
+import json, sys
+j = json.load(open(sys.argv[1]))["jobs"][0]["write"]
+p = j["clat_ns"]["percentile"]
+print(f'{j["iops"]:.0f}|{p["50.000000"]/1000:.0f}|{p["99.000000"]/1000:.0f}')
+PY
+}
+restart_with() {
+  tdm alpha secondary r0
+  tdm alpha down r0
+  tdm beta down r0
+  sed -i -e "s/^resync-rate = .*/resync-rate = \"400MiB\"/" -e "/^c-min-rate/d" "$dir/etc/r0.toml"
+  sed -i -e "s/^\[disk\]/[disk]\n$1/" "$dir/etc/r0.toml"
+  tdm alpha up r0 2>>"$dir/alpha.up.log"
+  tdm beta up r0 2>>"$dir/beta.up.log"
+  until [ "$(tdm alpha dstate r0)" = "UpToDate/UpToDate" ] && [ "$(tdm alpha cstate r0)" = "Connected" ]; do sleep 0.05; done
+  tdm alpha primary r0
+}
+lat=()
+log "client latency on an idle pair"
+restart_with 'c-min-rate = "250KiB"'
+lat+=("idle pair|$(qd1 idle)|")
+for mode in controlled uncontrolled; do
+  if [ "$mode" = uncontrolled ]; then restart_with 'c-min-rate = "400MiB"'; fi
+  log "client latency during a full resync ($mode)"
+  before=$(json beta 'r["counters"]["resync-bytes-received"]')
+  tdm beta invalidate r0
+  r=$(qd1 "$mode")
+  moved=$(( $(json beta 'r["counters"]["resync-bytes-received"]') - before ))
+  lat+=("full resync, $mode|$r|$((moved / 5 / 1000000))")
+  wait_synced
+done
 tdm alpha secondary r0
 tdm alpha down r0
 tdm beta down r0
@@ -172,5 +215,14 @@ print(f"| {what} | {b} | {s:.3f} | {rate/1e6:.0f} | {rate/raw:.2f} | {s/full:.3f
 PY
   done
   echo "| raw copy | $data | | $(python3 -c "print(int($raw_best/1e6))") | 1.00 | | |"
+  echo
+  echo "Client latency during a resync: fio 4 KiB random writes, QD1, 5 s, on the Primary; \`resync-rate = \"400MiB\"\`; the controller is \`c-min-rate = \"250KiB\"\` (the default), *uncontrolled* sets \`c-min-rate\` to the resync rate."
+  echo
+  echo "| Pair | IOPS | p50 (µs) | p99 (µs) | resync MB/s meanwhile |"
+  echo "|---|---|---|---|---|"
+  for row in "${lat[@]}"; do
+    IFS='|' read -r what iops p50 p99 mbs <<<"$row"
+    echo "| $what | $iops | $p50 | $p99 | ${mbs:--} |"
+  done
 } | tee "$report"
 log "report: $report"

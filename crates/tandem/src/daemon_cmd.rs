@@ -152,6 +152,12 @@ pub fn down(paths: &Paths, resource: &str, force: bool) -> Result<(), Failure> {
         force,
         ..Default::default()
     };
+    // The daemon's pid, to wait for the process itself: it stops answering
+    // on the control socket before it has closed the metadata, and a `up`
+    // right after `down` must find the disk free.
+    let pid = std::fs::read_to_string(control::pid_path(&paths.run_dir, resource))
+        .ok()
+        .and_then(|s| s.trim().parse::<u32>().ok());
     let resp = rt.block_on(control::call(&paths.run_dir, resource, &req))?;
     if !resp.ok {
         return Err(Failure {
@@ -166,8 +172,8 @@ pub fn down(paths: &Paths, resource: &str, force: bool) -> Result<(), Failure> {
     let deadline = Instant::now() + Duration::from_secs(60);
     while Instant::now() < deadline {
         match rt.block_on(control::call(&paths.run_dir, resource, &probe)) {
-            Err(CallError::NotRunning { .. }) => return Ok(()),
-            _ => std::thread::sleep(Duration::from_millis(50)),
+            Err(CallError::NotRunning { .. }) if !pid.is_some_and(process_lives) => return Ok(()),
+            _ => std::thread::sleep(Duration::from_millis(20)),
         }
     }
     Err(format!("{resource} did not stop within 60 s").into())
@@ -258,4 +264,15 @@ pub fn events(paths: &Paths, resource: &str, now: bool) -> Result<(), Failure> {
         }
         Ok(())
     })
+}
+
+/// The process exists and is not a zombie (Linux `/proc`).
+fn process_lives(pid: u32) -> bool {
+    match std::fs::read_to_string(format!("/proc/{pid}/stat")) {
+        // The state follows the command name in parentheses.
+        Ok(stat) => stat
+            .rsplit_once(')')
+            .is_some_and(|(_, rest)| !rest.trim_start().starts_with('Z')),
+        Err(_) => false,
+    }
 }
