@@ -366,7 +366,14 @@ fn after_sb_1pri_discard_secondary_recovers_by_itself() {
 #[test]
 fn verify_finds_a_flipped_byte_and_a_resync_repairs_it() {
     require_tool("nbdsh");
-    let pair = Pair::connected(PairOptions::default());
+    let marker = tempfile::NamedTempFile::new().unwrap();
+    let pair = Pair::connected(PairOptions {
+        extra_toml: format!(
+            "[handlers]\nout-of-sync = \"echo $TANDEM_NODE >> {}\"\n",
+            marker.path().display()
+        ),
+        ..PairOptions::default()
+    });
     scattered_writes(&pair, 20, 0x77);
     pair.wait_status(Alpha, "nothing pending", STATE_TIMEOUT, |s| {
         counter(s, "pe") == 0
@@ -400,6 +407,17 @@ fn verify_finds_a_flipped_byte_and_a_resync_repairs_it() {
         "exactly one block differs:\n{s:#}"
     );
     assert_eq!(u64_field(&s, "out-of-sync-bytes"), 4096, "{s:#}");
+    let deadline = std::time::Instant::now() + STATE_TIMEOUT;
+    while !std::fs::read_to_string(marker.path())
+        .unwrap_or_default()
+        .contains("alpha")
+    {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the out-of-sync handler did not run on alpha"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
 
     // As in DRBD, a reconnect resyncs what verify marked.
     pair.ok(Beta, &["disconnect", RES]);
@@ -478,4 +496,56 @@ fn checksum_based_resync_sends_only_the_blocks_that_differ() {
         "a full resync by checksums moves only the one block that differs:\n{b:#}"
     );
     assert_replicas_identical(&pair, "after the checksum-based resync");
+}
+
+#[test]
+fn an_interrupted_resync_resumes_where_it_stopped_and_runs_the_handlers() {
+    require_tool("nbdsh");
+    let marker = tempfile::NamedTempFile::new().unwrap();
+    let m = marker.path().display();
+    let pair = Pair::connected(PairOptions {
+        extra_disk: "resync-rate = \"40MiB\"",
+        extra_toml: format!(
+            "[handlers]\nbefore-resync-target = \"echo before-$TANDEM_NODE >> {m}\"\nafter-resync-target = \"echo after-$TANDEM_NODE >> {m}\"\nout-of-sync = \"echo oos-$TANDEM_NODE >> {m}\"\n"
+        ),
+        ..PairOptions::default()
+    });
+    let size = pair.data_size();
+    // The Primary overwrites the peer: a full resync at 40 MiB/s (~7 s).
+    pair.ok(Alpha, &["invalidate-remote", RES]);
+    pair.wait_for(Beta, "cstate", "SyncTarget", STATE_TIMEOUT);
+    pair.wait_status(Beta, "a third done", SYNC_TIMEOUT, |s| {
+        counter(s, "resync-bytes-received") > size / 3
+    });
+    // The link drops mid-resync and comes back.
+    pair.ok(Beta, &["disconnect", RES]);
+    let s = pair.status(Beta);
+    assert_eq!(s["disk"], "Inconsistent", "{s:#}");
+    let before = counter(&s, "resync-bytes-received");
+    let err = pair.refused(Beta, &["primary", RES]);
+    assert!(err.contains("no UpToDate data"), "{err}");
+    pair.ok(Beta, &["connect", RES]);
+    pair.wait_for(Beta, "dstate", "UpToDate/UpToDate", SYNC_TIMEOUT);
+    let s = pair.status(Beta);
+    let total = counter(&s, "resync-bytes-received");
+    assert!(
+        total < size + size / 10,
+        "the resync resumed instead of starting over: {before} bytes before the drop, {total} in all, device {size}"
+    );
+    let log = pair.log(Beta);
+    assert!(log.contains("rule peer-bitmap-is-my-current"), "{log}");
+    let deadline = std::time::Instant::now() + STATE_TIMEOUT;
+    loop {
+        let ran = std::fs::read_to_string(marker.path()).unwrap_or_default();
+        if ran.contains("before-beta") && ran.contains("after-beta") {
+            assert!(!ran.contains("alpha"), "only the target runs them: {ran}");
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "handlers ran: {ran:?}"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    assert_replicas_identical(&pair, "after the resumed resync");
 }
