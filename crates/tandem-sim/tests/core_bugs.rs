@@ -120,3 +120,36 @@ fn finding5_local_write_error_diverges_unmarked() {
 fn finding6_racing_promotions() {
     replay(7, "racing_promote=3000");
 }
+
+/// Resync findings (2026-11-25), each found by the default schedule while
+/// resync, split-brain recovery and checksums were being built, and fixed
+/// before they were committed. The seeds replay the situations.
+///
+/// - Seed 1853: a Primary that rotated its current generation while its
+///   bitmap generation was already set dropped the old current one, so a
+///   later split brain from it looked like unrelated data. Now the old
+///   current generation moves into history.
+/// - Seed 7: a late `RsAck` cleared a bit that a failed local write had set
+///   again after the range was served. Now such ranges are dropped from the
+///   served set.
+/// - Seed 411: the source read a range while a peer write of an older link
+///   was still landing there, and sent the older data. Now such writes hold
+///   the read back like client writes.
+/// - Seed 484: every full sync took a fresh sync generation, which pushed
+///   the pair's common ancestor out of the two history slots. Now an
+///   existing bitmap generation serves.
+/// - Seed 12: a split-brain victim kept its own generation until the end of
+///   the resync, so an interrupted recovery found split brain again. Now
+///   the source always hands the target its bitmap generation.
+/// - Seed 326: a range re-marked while its checksum request was still
+///   queued was later acknowledged as in sync. Now queued requests are
+///   poisoned too.
+/// - Seed 955: the target took its digests under a write of an older link
+///   still landing, then called the range identical. Now it waits for such
+///   writes.
+#[test]
+fn resync_findings() {
+    for seed in [1853, 7, 411, 484, 12, 326, 955] {
+        replay(seed, "");
+    }
+}
