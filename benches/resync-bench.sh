@@ -115,6 +115,24 @@ for _ in 1 2; do
   r=$(python3 -c "print(int($data / ($t1 - $t0)))")
   [ "$r" -gt "$raw_best" ] && raw_best=$r
 done
+log "loopback TCP baseline (one stream, 1 MiB sends, as much as the device)"
+tcp=$(python3 - "$data" <<'PY'
+import socket, sys, threading, time
+total = int(sys.argv[1]); chunk = b"x" * (1 << 20)
+srv = socket.socket(); srv.bind(("127.0.0.1", 0)); srv.listen(1)
+def sink():
+    c, _ = srv.accept(); b = memoryview(bytearray(1 << 20))
+    while c.recv_into(b):
+        pass
+t = threading.Thread(target=sink); t.start()
+s = socket.create_connection(srv.getsockname())
+t0 = time.time(); sent = 0
+while sent < total:
+    s.sendall(chunk); sent += len(chunk)
+s.close(); t.join()
+print(int(sent / (time.time() - t0)))
+PY
+)
 # Beta must not already hold alpha's data (zero its data area again).
 dd if=/dev/zero of="$dir/beta.img" bs=1M count=$((data / 1048576)) conv=notrunc,fdatasync status=none
 
@@ -215,6 +233,7 @@ print(f"| {what} | {b} | {s:.3f} | {rate/1e6:.0f} | {rate/raw:.2f} | {s/full:.3f
 PY
   done
   echo "| raw copy | $data | | $(python3 -c "print(int($raw_best/1e6))") | 1.00 | | |"
+  echo "| loopback TCP, one stream | $data | | $(python3 -c "print(int($tcp/1e6))") | $(python3 -c "print(f'{$tcp/$raw_best:.2f}')") | | |"
   echo
   echo "Client latency during a resync: fio 4 KiB random writes, QD1, 5 s, on the Primary; \`resync-rate = \"400MiB\"\`; the controller is \`c-min-rate = \"250KiB\"\` (the default), *uncontrolled* sets \`c-min-rate\` to the resync rate."
   echo
