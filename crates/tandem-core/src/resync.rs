@@ -121,6 +121,10 @@ pub(crate) struct Sync {
     /// Requests being read or compared (source) when their range was
     /// marked out of sync again: served without clearing the bits later.
     poisoned: std::collections::BTreeSet<u64>,
+    /// Ranges marked out of sync again during this resync (source): the
+    /// peer may have received a write there that this node failed, perhaps
+    /// after it took its digests, so checksums cannot call them identical.
+    redirtied: Vec<Range<u64>>,
     /// Requests sent plain although `csums` is on (our digests failed).
     plain: std::collections::BTreeSet<u64>,
     /// Ranges sent, by start, until the target acknowledges them stable.
@@ -153,6 +157,7 @@ impl Sync {
             csums: false,
             plain: std::collections::BTreeSet::new(),
             poisoned: std::collections::BTreeSet::new(),
+            redirtied: Vec::new(),
             served: BTreeMap::new(),
         }
     }
@@ -322,6 +327,15 @@ impl Core {
     /// data sent before must not clear it.
     pub(crate) fn poison_served(&mut self, range: &Range<u64>) {
         if let Some(s) = self.sync.as_mut() {
+            // Bounded by the failed writes of one resync; merged as they come.
+            match s
+                .redirtied
+                .iter_mut()
+                .find(|r| overlaps(r, range) || r.end == range.start)
+            {
+                Some(r) => *r = r.start.min(range.start)..r.end.max(range.end),
+                None => s.redirtied.push(range.clone()),
+            }
             s.served.retain(|&a, &mut e| !overlaps(&(a..e), range));
             let hit: Vec<u64> = s
                 .reads
@@ -588,7 +602,9 @@ impl Core {
             // A checksum-based request is answered by the span that differs,
             // then RsInSync; a plain one by exactly its range.
             Some(r) if csum => {
-                r.start <= offset && offset + len <= r.end && !s.span.contains_key(&id)
+                r.start <= offset
+                    && offset.checked_add(len).is_some_and(|e| e <= r.end)
+                    && !s.span.contains_key(&id)
             }
             Some(r) => r.start == offset && r.end - r.start == len,
             None => false,
@@ -690,7 +706,14 @@ impl Core {
                 let theirs = s.theirs.remove(&id).unwrap_or_default();
                 let mine = digests.unwrap_or_default();
                 let blocks = (range.end - range.start).div_ceil(BLOCK) as usize;
-                let differs = |i: &usize| mine.get(*i).is_none() || mine.get(*i) != theirs.get(*i);
+                let redirtied = &s.redirtied;
+                let differs = |i: &usize| {
+                    let start = range.start + *i as u64 * BLOCK;
+                    let block = start..start + BLOCK;
+                    mine.get(*i).is_none()
+                        || mine.get(*i) != theirs.get(*i)
+                        || redirtied.iter().any(|r| overlaps(r, &block))
+                };
                 let first = (0..blocks).find(differs);
                 let last = (0..blocks).rev().find(differs);
                 match (first, last) {

@@ -271,6 +271,8 @@ pub struct Stats {
     pub resyncs: u64,
     /// Online verifies that finished.
     pub verifies: u64,
+    /// `invalidate`s that started a full resync.
+    pub invalidates: u64,
     pub al_busy: u64,
     /// Completions checked against the peer's receipt (B) or disk (C).
     pub peer_completion_checks: u64,
@@ -311,6 +313,7 @@ impl Stats {
             repairs,
             resyncs,
             verifies,
+            invalidates,
             al_busy,
             peer_completion_checks,
             peer_flush_checks,
@@ -329,7 +332,7 @@ impl fmt::Display for Stats {
             "runs {}, steps {}, writes {} submitted / {} completed / {} failed, flushes {}, \
              requests dropped by crashes {}, frames {}, link drops {}, link ups {}, connections {}, \
              daemon crashes {}, machine crashes {}, promotions {}, demotions {}, rogue promotions {}, \
-             split brains {}, repairs {}, resyncs {}, verifies {}, AL busy {}, peer completion checks {}, peer flush checks {}, \
+             split brains {}, repairs {}, resyncs {}, verifies {}, invalidates {}, AL busy {}, peer completion checks {}, peer flush checks {}, \
              split-brain checks {}, disk comparisons {} ({} differing blocks, all marked), \
              blocks marked by AL replay {}",
             self.runs,
@@ -352,6 +355,7 @@ impl fmt::Display for Stats {
             self.repairs,
             self.resyncs,
             self.verifies,
+            self.invalidates,
             self.al_busy,
             self.peer_completion_checks,
             self.peer_flush_checks,
@@ -603,6 +607,8 @@ enum Choice {
     Repair,
     Tick(usize),
     Verify(usize),
+    Invalidate(usize),
+    TogglePause(usize),
     Idle,
 }
 
@@ -1229,6 +1235,9 @@ impl Sim {
                         if node.acked.get(&b).is_some_and(|&a| a > v) {
                             node.acked.insert(b, v);
                         }
+                        // Likewise a completed write of this node not yet
+                        // flushed: the next flush cannot make it stable.
+                        node.done.retain(|d| !(d.blocks.contains(&b) && d.req > v));
                     }
                 }
             }
@@ -1812,6 +1821,14 @@ impl Sim {
                 menu.push((300, Choice::Tick(n)));
                 if self.nodes[n].cstate() == Some(ConnState::Connected) {
                     menu.push((20, Choice::Verify(n)));
+                    menu.push((10, Choice::Invalidate(n)));
+                }
+                if self.nodes[n]
+                    .core
+                    .as_ref()
+                    .is_some_and(|c| c.sync_progress().is_some())
+                {
+                    menu.push((30, Choice::TogglePause(n)));
                 }
                 menu.push((o.daemon_crash, Choice::Crash(n)));
                 menu.push((o.machine_crash, Choice::MachineCrash(n)));
@@ -1921,6 +1938,17 @@ impl Sim {
                 self.handle(n, Event::Tick)?;
                 self.pump()
             }
+            Choice::Invalidate(n) => {
+                let mut acts = Vec::new();
+                let r = self.nodes[n].core.as_mut().map(|c| c.invalidate(&mut acts));
+                if matches!(r, Some(Ok(()))) {
+                    self.note(|| format!("n{n} invalidate"));
+                    self.stats.invalidates += 1;
+                    self.exec_all(n, acts, &[])?;
+                }
+                self.pump()
+            }
+            Choice::TogglePause(n) => self.set_paused(n, None),
             Choice::Verify(n) => {
                 let mut acts = Vec::new();
                 let started = self.nodes[n]
@@ -1942,7 +1970,30 @@ impl Sim {
     /// Stop the faults and the clients, heal the link, drain everything;
     /// then every request must have been answered and every difference
     /// between the disks must be marked.
+    /// `pause-sync` (Some(true)), `resume-sync` (Some(false)) or the
+    /// opposite of the current state (None) on node `n`.
+    fn set_paused(&mut self, n: usize, want: Option<bool>) -> R {
+        let mut acts = Vec::new();
+        let Some(core) = self.nodes[n].core.as_mut() else {
+            return Ok(());
+        };
+        let paused = matches!(
+            core.cstate(),
+            ConnState::PausedSyncS | ConnState::PausedSyncT
+        );
+        let to = want.unwrap_or(!paused);
+        if core.pause_sync(to, &mut acts).is_ok() {
+            self.note(|| format!("n{n} pause-sync {to}"));
+            self.exec_all(n, acts, &[])?;
+        }
+        self.pump()
+    }
+
     fn quiesce(&mut self) -> R {
+        // A resync held by an operator would never end.
+        for n in 0..2 {
+            self.set_paused(n, Some(false))?;
+        }
         self.quiescing = true;
         self.repair_pending = false;
         self.note(|| "quiescent phase".into());
