@@ -89,6 +89,9 @@ enum Input {
     Tick,
 }
 
+/// Role, peer role, cstate, disk, peer disk.
+type StateKey = (Role, Role, ConnState, DiskState, DiskState);
+
 /// Shared with the NBD gate and the control socket without asking the actor.
 #[derive(Default)]
 struct Shared {
@@ -716,7 +719,9 @@ struct Actor {
     shared: Arc<Shared>,
     nbd_stats: Arc<ServerStats>,
     events: broadcast::Sender<String>,
-    last_state: Option<[String; 5]>,
+    /// The state last published, compared after every batch (cheap: no
+    /// strings are built unless it changed).
+    last_state: Option<StateKey>,
     counters_extra: Extra,
     handlers: std::collections::BTreeMap<String, String>,
     peer_name: String,
@@ -840,37 +845,18 @@ impl Actor {
                 }
             };
             let Some(input) = input else { break };
-            match input {
-                Input::Client(op, reply) => self.client(op, reply).await,
-                Input::Digests(op, digests) => self.feed(Event::Digests { op, digests }).await,
-                Input::ReadDone(op, r) => {
-                    let ok = match (op, r) {
-                        (OpId::ResyncRead { id, .. }, Ok(data)) => {
-                            self.counters_extra.disk_read += data.len() as u64;
-                            self.rs_out.insert(id, data);
-                            true
-                        }
-                        (_, Err(e)) => {
-                            error!("local read for the peer failed: {e}");
-                            false
-                        }
-                        _ => false,
-                    };
-                    self.feed(Event::LocalDone { op, ok }).await;
+            self.input(input).await;
+            // Whatever else is queued is handled before waiting again: one
+            // wake-up, many inputs (bounded, so stop and internal events
+            // are never starved).
+            for _ in 0..64 {
+                while let Some(ev) = self.internal.pop_front() {
+                    self.feed(ev).await;
                 }
-                Input::Core(ev) => self.feed(ev).await,
-                Input::Link(ev) => self.link_event(ev).await,
-                Input::Admin(req, reply) if req.verb == "primary" => {
-                    self.promote(req.force, reply).await;
+                match rx.try_recv() {
+                    Ok(input) => self.input(input).await,
+                    Err(_) => break,
                 }
-                Input::Admin(req, reply) => {
-                    let resp = self.admin(&req).await;
-                    let _ = reply.send(resp);
-                }
-                Input::Subscribe(reply) => {
-                    let _ = reply.send((self.dump_lines(), self.events.subscribe()));
-                }
-                Input::Tick => self.tick().await,
             }
         }
         // Orderly goodbye so the peer logs why, then a clean close.
@@ -907,6 +893,41 @@ impl Actor {
             .map_err(|e| format!("closing the metadata failed: {e}"))?;
         info!("{} is down", self.res);
         Ok(())
+    }
+
+    async fn input(&mut self, input: Input) {
+        match input {
+            Input::Client(op, reply) => self.client(op, reply).await,
+            Input::Digests(op, digests) => self.feed(Event::Digests { op, digests }).await,
+            Input::ReadDone(op, r) => {
+                let ok = match (op, r) {
+                    (OpId::ResyncRead { id, .. }, Ok(data)) => {
+                        self.counters_extra.disk_read += data.len() as u64;
+                        self.rs_out.insert(id, data);
+                        true
+                    }
+                    (_, Err(e)) => {
+                        error!("local read for the peer failed: {e}");
+                        false
+                    }
+                    _ => false,
+                };
+                self.feed(Event::LocalDone { op, ok }).await;
+            }
+            Input::Core(ev) => self.feed(ev).await,
+            Input::Link(ev) => self.link_event(ev).await,
+            Input::Admin(req, reply) if req.verb == "primary" => {
+                self.promote(req.force, reply).await;
+            }
+            Input::Admin(req, reply) => {
+                let resp = self.admin(&req).await;
+                let _ = reply.send(resp);
+            }
+            Input::Subscribe(reply) => {
+                let _ = reply.send((self.dump_lines(), self.events.subscribe()));
+            }
+            Input::Tick => self.tick().await,
+        }
     }
 
     async fn client(&mut self, op: ClientOp, reply: oneshot::Sender<io::Result<()>>) {
@@ -1851,13 +1872,27 @@ impl Actor {
     }
 
     fn publish_state(&mut self) {
-        let now = self.state_fields();
-        let Some(before) = self.last_state.replace(now.clone()) else {
+        let key = (
+            self.core.role(),
+            self.core.peer_role(),
+            self.core.cstate(),
+            self.core.disk(),
+            self.core.peer_disk(),
+        );
+        let Some(before) = self.last_state.replace(key) else {
             return;
         };
-        if before == now {
+        if before == key {
             return;
         }
+        let before = [
+            before.0.to_string(),
+            before.1.to_string(),
+            before.2.to_string(),
+            before.3.to_string(),
+            before.4.to_string(),
+        ];
+        let now = self.state_fields();
         let keys = ["role", "peer-role", "cstate", "disk", "peer-disk"];
         let mut obj = serde_json::Map::new();
         obj.insert("type".into(), "change".into());
