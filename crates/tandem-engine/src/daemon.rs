@@ -1337,25 +1337,34 @@ impl Actor {
         true
     }
 
-    /// Our bitmap to the peer, as runs, then the end marker.
+    /// Our bitmap to the peer, as runs, then the end marker. Streamed a
+    /// frame at a time: a fragmented bitmap of a large device has far more
+    /// runs than should ever sit in memory at once.
     async fn send_bitmap(&mut self) {
-        let runs: Vec<(u64, u64)> = match self.md.as_ref() {
-            Some(md) => {
-                let bm = md.bitmap();
-                bm.dirty_ranges(0..bm.len())
-                    .map(|r| (r.start, r.end - r.start))
-                    .collect()
-            }
-            None => Vec::new(),
-        };
         let Some(link) = &self.link else { return };
         let tx = link.tx.clone();
         let id = link.id;
-        for chunk in runs.chunks(tandem_wire::MAX_BITMAP_RUNS) {
-            let msg = tandem_wire::Message::Bitmap {
-                runs: chunk.to_vec(),
+        let mut cursor = 0u64;
+        loop {
+            let chunk: Vec<(u64, u64)> = match self.md.as_ref() {
+                Some(md) => {
+                    let bm = md.bitmap();
+                    bm.dirty_ranges(cursor..bm.len())
+                        .take(tandem_wire::MAX_BITMAP_RUNS)
+                        .map(|r| (r.start, r.end - r.start))
+                        .collect()
+                }
+                None => Vec::new(),
             };
-            if tx.send(msg).await.is_err() {
+            let Some(&(start, n)) = chunk.last() else {
+                break;
+            };
+            cursor = start + n;
+            if tx
+                .send(tandem_wire::Message::Bitmap { runs: chunk })
+                .await
+                .is_err()
+            {
                 self.internal.push_back(Event::LinkDown {
                     link: id,
                     cause: ConnState::BrokenPipe,
