@@ -549,3 +549,29 @@ fn an_interrupted_resync_resumes_where_it_stopped_and_runs_the_handlers() {
     }
     assert_replicas_identical(&pair, "after the resumed resync");
 }
+
+#[test]
+fn a_fragmented_bitmap_travels_in_several_frames_and_resyncs_exactly() {
+    require_tool("nbdsh");
+    let pair = Pair::connected(PairOptions::default());
+    pair.ok(Beta, &["disconnect", RES]);
+    pair.wait_for(Alpha, "cstate", "WFConnection", STATE_TIMEOUT);
+    // 5000 separate blocks (every other one): more runs than one Bitmap
+    // frame holds (4096).
+    let blocks = 5000u64;
+    let out = nbdsh(
+        &pair.nbd_uri(Alpha),
+        &format!(
+            "for i in range({blocks}):\n    h.pwrite(bytes([i % 251 + 1]) * 4096, i * 8192)\nh.flush()\nprint('DONE')"
+        ),
+    );
+    assert!(out.contains("DONE"), "{out}");
+    let s = pair.status(Alpha);
+    assert_eq!(u64_field(&s, "out-of-sync-bytes"), blocks * 4096, "{s:#}");
+    pair.ok(Beta, &["connect", RES]);
+    pair.wait_for(Beta, "dstate", "UpToDate/UpToDate", SYNC_TIMEOUT);
+    pair.wait_for(Alpha, "cstate", "Connected", STATE_TIMEOUT);
+    let s = pair.status(Alpha);
+    assert_eq!(counter(&s, "resync-bytes-sent"), blocks * 4096, "{s:#}");
+    assert_replicas_identical(&pair, "after resyncing a fragmented bitmap");
+}
