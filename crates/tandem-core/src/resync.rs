@@ -210,6 +210,10 @@ impl Core {
             out.push(Action::MarkOutOfSync {
                 range: 0..self.cfg.size,
             });
+            // Durable before any generation says a resync is under way: a
+            // crash must find every bit set, or the resumed resync would
+            // skip blocks (DRBD keeps a full-sync flag for this).
+            out.push(Action::FlushBitmap);
             self.local_oos = self.cfg.size;
         }
         match side {
@@ -279,6 +283,7 @@ impl Core {
             out.push(Action::MarkOutOfSync {
                 range: 0..self.cfg.size,
             });
+            out.push(Action::FlushBitmap);
             self.set_disk(DiskState::Inconsistent, out);
         }
         Ok(())

@@ -418,17 +418,16 @@ async fn run_async(opts: DaemonOptions, ready: impl FnOnce()) -> Result<(), Stri
             }
         });
     }
-    // Signals.
+    // Signals, caught from here on (before `ready`): a SIGTERM sent the
+    // moment `up` returns must stop the daemon cleanly, not kill it.
     {
+        use tokio::signal::unix::{signal, SignalKind};
         let stop_tx = stop_tx.clone();
+        let (mut term, mut int) = (
+            signal(SignalKind::terminate()).map_err(|e| format!("cannot catch SIGTERM: {e}"))?,
+            signal(SignalKind::interrupt()).map_err(|e| format!("cannot catch SIGINT: {e}"))?,
+        );
         tokio::spawn(async move {
-            use tokio::signal::unix::{signal, SignalKind};
-            let (Ok(mut term), Ok(mut int)) = (
-                signal(SignalKind::terminate()),
-                signal(SignalKind::interrupt()),
-            ) else {
-                return;
-            };
             tokio::select! {
                 _ = term.recv() => {}
                 _ = int.recv() => {}

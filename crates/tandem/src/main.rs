@@ -365,6 +365,9 @@ fn serve(args: ServeArgs) -> Result<(), String> {
             .await
             .map_err(|e| format!("cannot listen on {:?}: {e}", args.listen))?;
         let addr = listener.local_addr();
+        // Signals are caught from before the ready line: a SIGTERM sent the
+        // moment a script sees it must drain, not kill.
+        let signals = Signals::new()?;
         info!(
             path = %args.path.display(),
             size = device.size(),
@@ -392,7 +395,7 @@ fn serve(args: ServeArgs) -> Result<(), String> {
             rx,
             Arc::clone(&stats),
         ));
-        wait_for_signal().await?;
+        signals.wait().await;
         info!(
             clients = stats.clients(),
             "shutting down: draining connections"
@@ -415,15 +418,27 @@ fn serve(args: ServeArgs) -> Result<(), String> {
     })
 }
 
-async fn wait_for_signal() -> Result<(), String> {
-    use tokio::signal::unix::{signal, SignalKind};
-    let mut term =
-        signal(SignalKind::terminate()).map_err(|e| format!("cannot catch SIGTERM: {e}"))?;
-    let mut int =
-        signal(SignalKind::interrupt()).map_err(|e| format!("cannot catch SIGINT: {e}"))?;
-    tokio::select! {
-        _ = term.recv() => {}
-        _ = int.recv() => {}
+/// SIGTERM and SIGINT, caught from creation on.
+struct Signals {
+    term: tokio::signal::unix::Signal,
+    int: tokio::signal::unix::Signal,
+}
+
+impl Signals {
+    fn new() -> Result<Signals, String> {
+        use tokio::signal::unix::{signal, SignalKind};
+        Ok(Signals {
+            term: signal(SignalKind::terminate())
+                .map_err(|e| format!("cannot catch SIGTERM: {e}"))?,
+            int: signal(SignalKind::interrupt())
+                .map_err(|e| format!("cannot catch SIGINT: {e}"))?,
+        })
     }
-    Ok(())
+
+    async fn wait(mut self) {
+        tokio::select! {
+            _ = self.term.recv() => {}
+            _ = self.int.recv() => {}
+        }
+    }
 }
