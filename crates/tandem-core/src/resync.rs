@@ -392,17 +392,7 @@ impl Core {
                 if !matches!(&self.sync, Some(s) if s.side == SyncSide::Target) {
                     return self.protocol_error("SyncUuid outside a resync as target", out);
                 }
-                let g = self.gens;
-                self.gens = Generations {
-                    current: uuid,
-                    bitmap: 0,
-                    history: if g.current == UUID_JUST_CREATED || g.current == uuid {
-                        g.history
-                    } else {
-                        [g.current, g.history[0]]
-                    },
-                };
-                out.push(Action::PersistGenerations(self.gens));
+                self.take_current(uuid, out);
             }
             Packet::Bitmap(runs) => {
                 if !matches!(&self.sync, Some(s) if !s.running) {
@@ -926,21 +916,27 @@ impl Core {
             return;
         }
         let peer_current = self.peer.map_or(self.gens.current, |p| p.gens.current);
+        self.take_current(peer_current, out);
+        self.set_disk(DiskState::UpToDate, out);
+        out.push(Action::Log("resync finished: this node is UpToDate".into()));
+        out.push(Action::ResyncFinished);
+        self.send_state(out);
+    }
+
+    /// Target: adopt the source's generation `uuid` as current (the old
+    /// current one goes to history unless it is the same or just-created).
+    fn take_current(&mut self, uuid: u64, out: &mut Vec<Action>) {
         let g = self.gens;
         self.gens = Generations {
-            current: peer_current,
+            current: uuid,
             bitmap: 0,
-            history: if g.current == peer_current || g.current == UUID_JUST_CREATED {
+            history: if g.current == uuid || g.current == UUID_JUST_CREATED {
                 g.history
             } else {
                 [g.current, g.history[0]]
             },
         };
         out.push(Action::PersistGenerations(self.gens));
-        self.set_disk(DiskState::UpToDate, out);
-        out.push(Action::Log("resync finished: this node is UpToDate".into()));
-        out.push(Action::ResyncFinished);
-        self.send_state(out);
     }
 
     /// Source: the target reports UpToDate, so the resync is over.
