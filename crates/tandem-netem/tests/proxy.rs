@@ -1,0 +1,100 @@
+//! The proxy against a real echo server on loopback: bytes arrive intact
+//! and in order, and the delay and the bandwidth cap are at least what was
+//! asked (lower bounds only: a busy machine can only make things slower).
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+use std::time::{Duration, Instant};
+use tandem_netem::{serve, Shape};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::watch;
+
+/// An echo server and a proxy in front of it; returns the proxy's address
+/// and the stop switch.
+async fn setup(shape: Shape) -> (String, watch::Sender<bool>) {
+    let echo = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let echo_addr = echo.local_addr().unwrap().to_string();
+    tokio::spawn(async move {
+        loop {
+            let Ok((mut s, _)) = echo.accept().await else {
+                return;
+            };
+            tokio::spawn(async move {
+                let (mut r, mut w) = s.split();
+                let _ = tokio::io::copy(&mut r, &mut w).await;
+            });
+        }
+    });
+    let proxy = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = proxy.local_addr().unwrap().to_string();
+    let (tx, rx) = watch::channel(false);
+    tokio::spawn(serve(proxy, echo_addr, shape, rx));
+    (addr, tx)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn round_trip_takes_at_least_twice_the_delay() {
+    let (addr, _stop) = setup(Shape {
+        delay: Duration::from_millis(20),
+        jitter: Duration::from_millis(5),
+        ..Shape::default()
+    })
+    .await;
+    let mut s = TcpStream::connect(&addr).await.unwrap();
+    s.set_nodelay(true).unwrap();
+    let mut b = [0u8; 1];
+    for i in 0..5u8 {
+        let t = Instant::now();
+        s.write_all(&[i]).await.unwrap();
+        s.read_exact(&mut b).await.unwrap();
+        assert_eq!(b[0], i);
+        let rtt = t.elapsed();
+        assert!(
+            rtt >= Duration::from_millis(40),
+            "round trip {rtt:?} < 2 × 20 ms"
+        );
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bytes_arrive_intact_in_order_and_no_faster_than_the_cap() {
+    let (addr, _stop) = setup(Shape {
+        jitter: Duration::from_millis(2),
+        rate: Some(8 << 20),
+        buffer: 256 * 1024,
+        ..Shape::default()
+    })
+    .await;
+    let s = TcpStream::connect(&addr).await.unwrap();
+    let (mut r, mut w) = s.into_split();
+    let data: Vec<u8> = (0..4u32 << 20)
+        .map(|i| (i.wrapping_mul(2654435761) >> 13) as u8)
+        .collect();
+    let sent = data.clone();
+    let t = Instant::now();
+    let writer = tokio::spawn(async move {
+        w.write_all(&sent).await.unwrap();
+        w.shutdown().await.unwrap();
+    });
+    let mut back = Vec::new();
+    r.read_to_end(&mut back).await.unwrap();
+    writer.await.unwrap();
+    let took = t.elapsed();
+    assert_eq!(back.len(), data.len());
+    assert!(back == data, "the echo differs from what was sent");
+    // 4 MiB at 8 MiB/s each way (the two directions overlap): at least 0.5 s.
+    assert!(
+        took >= Duration::from_millis(490),
+        "4 MiB through an 8 MiB/s link took {took:?}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn stop_ends_the_accept_loop() {
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let (tx, rx) = watch::channel(false);
+    let task = tokio::spawn(serve(listener, "127.0.0.1:9".into(), Shape::default(), rx));
+    tx.send(true).unwrap();
+    let r = tokio::time::timeout(Duration::from_secs(5), task).await;
+    assert!(matches!(r, Ok(Ok(Ok(())))), "{r:?}");
+}
