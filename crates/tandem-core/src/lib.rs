@@ -1808,54 +1808,31 @@ impl Core {
                     fua,
                     ..
                 } => {
-                    let range = offset..offset + len;
-                    let overlap = self
-                        .rx
-                        .inflight
-                        .values()
-                        .any(|o| o.start < range.end && range.start < o.end);
-                    if overlap {
-                        return;
-                    }
-                    let Some(link) = self.link else {
-                        return;
-                    };
-                    self.rx.queue.pop_front();
-                    self.rx.inflight.insert(OpId::Peer { link, seq }, range);
-                    self.rx.epoch_writes += 1;
-                    self.counters.local_pending += 1;
-                    out.push(Action::LocalWrite {
-                        op: OpId::Peer { link, seq },
+                    let started = self.start_incoming(
+                        |link| OpId::Peer { link, seq },
                         offset,
                         len,
                         kind,
                         fua,
-                    });
-                }
-                Incoming::Resync { id, offset, len } => {
-                    let range = offset..offset + len;
-                    let overlap = self
-                        .rx
-                        .inflight
-                        .values()
-                        .any(|o| o.start < range.end && range.start < o.end);
-                    if overlap {
+                        out,
+                    );
+                    if !started {
                         return;
                     }
-                    let Some(link) = self.link else {
-                        return;
-                    };
-                    self.rx.queue.pop_front();
-                    let op = OpId::Resync { link, id };
-                    self.rx.inflight.insert(op, range);
-                    self.counters.local_pending += 1;
-                    out.push(Action::LocalWrite {
-                        op,
+                    self.rx.epoch_writes += 1;
+                }
+                Incoming::Resync { id, offset, len } => {
+                    let started = self.start_incoming(
+                        |link| OpId::Resync { link, id },
                         offset,
                         len,
-                        kind: WriteKind::Data,
-                        fua: false,
-                    });
+                        WriteKind::Data,
+                        false,
+                        out,
+                    );
+                    if !started {
+                        return;
+                    }
                 }
                 Incoming::Barrier { epoch, flush } => {
                     // Flush is a barrier: nothing of the next epoch starts
@@ -1880,6 +1857,40 @@ impl Core {
                 }
             }
         }
+    }
+
+    /// Start the write at the head of the receive queue unless it overlaps
+    /// one still running here (or there is no link); true when started.
+    fn start_incoming(
+        &mut self,
+        op: impl FnOnce(u64) -> OpId,
+        offset: u64,
+        len: u64,
+        kind: WriteKind,
+        fua: bool,
+        out: &mut Vec<Action>,
+    ) -> bool {
+        let range = offset..offset + len;
+        let overlap = self
+            .rx
+            .inflight
+            .values()
+            .any(|o| o.start < range.end && range.start < o.end);
+        let Some(link) = self.link.filter(|_| !overlap) else {
+            return false;
+        };
+        let op = op(link);
+        self.rx.queue.pop_front();
+        self.rx.inflight.insert(op, range);
+        self.counters.local_pending += 1;
+        out.push(Action::LocalWrite {
+            op,
+            offset,
+            len,
+            kind,
+            fua,
+        });
+        true
     }
 
     /// A received write or barrier must belong to the open epoch (frames

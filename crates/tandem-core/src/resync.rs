@@ -164,6 +164,14 @@ impl Sync {
     fn paused(&self) -> bool {
         self.paused_here || self.paused_peer
     }
+
+    /// Source: request `id` was answered; its bits clear on the target's
+    /// ack, unless the range was marked again meanwhile.
+    fn served(&mut self, id: u64, range: &Range<u64>) {
+        if !self.poisoned.remove(&id) {
+            self.served.insert(range.start, range.end);
+        }
+    }
 }
 
 fn overlaps(a: &Range<u64>, b: &Range<u64>) -> bool {
@@ -559,9 +567,7 @@ impl Core {
                 let data = span.clone().unwrap_or(range.clone());
                 self.counters.resync_sent += data.end - data.start;
                 if let Some(s) = self.sync.as_mut() {
-                    if !s.poisoned.remove(&id) {
-                        s.served.insert(range.start, range.end);
-                    }
+                    s.served(id, &range);
                 }
                 out.push(Action::Send(Packet::RsData {
                     id,
@@ -725,9 +731,7 @@ impl Core {
                     }
                     _ => {
                         s.reads.remove(&id);
-                        if !s.poisoned.remove(&id) {
-                            s.served.insert(range.start, range.end);
-                        }
+                        s.served(id, &range);
                         out.push(Action::Send(Packet::RsInSync {
                             id,
                             offset: range.start,
