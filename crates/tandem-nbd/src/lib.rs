@@ -11,4 +11,4 @@ pub mod handshake;
 pub mod proto;
 pub mod server;
 
-pub use server::{serve, Gate, ListenAddr, Listener, ServerConfig, ServerStats};
+pub use server::{serve, Gate, ListenAddr, Listener, ServerConfig, ServerStats, DEFAULT_IDLE_POLL};

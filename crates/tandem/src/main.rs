@@ -226,6 +226,11 @@ struct ServeArgs {
     /// Most clients served at once.
     #[arg(long, value_name = "N", default_value_t = 64)]
     max_connections: usize,
+    /// Longest busy-poll, in microseconds, of a connection with nothing in
+    /// flight before it sleeps (adaptive; 0 never polls).
+    #[arg(long, value_name = "US", default_value_t = tandem_nbd::DEFAULT_IDLE_POLL.as_micros() as u64,
+          value_parser = clap::value_parser!(u64).range(0..=10_000))]
+    idle_poll_us: u64,
 }
 
 fn main() -> ExitCode {
@@ -385,6 +390,7 @@ fn serve(args: ServeArgs) -> Result<(), String> {
             export_name: args.export_name,
             description: args.description,
             max_connections: args.max_connections,
+            idle_poll: Duration::from_micros(args.idle_poll_us),
             ..ServerConfig::default()
         };
         let stats = Arc::new(ServerStats::default());
