@@ -1,16 +1,28 @@
 #!/usr/bin/env bash
-# Replication benchmark: fio through NBD against `tandem serve` (no
-# replication, the baseline) and against the Primary of a two-node tandem
-# pair on loopback with protocol A, B and C, all in one run, one server at a
-# time, interleaved per row so that they are compared side by side.
+# Replication benchmark harness: fio through NBD against the Primary of a
+# two-node tandem pair with protocol A, B and C at several link round-trip
+# times (a userspace delay proxy, tandem-netem, on the replication link),
+# next to the baselines measured in the same run: fio directly on the backing
+# file, `tandem serve` (no replication), nbdkit's file plugin and qemu-nbd.
+# Also measures resync throughput at each RTT, and memory use and start-up
+# time against device size. One server at a time, interleaved per row so that
+# they are compared side by side. Plots (gnuplot, PNG) go next to the report.
 #
 #   benches/replication-bench.sh                 full run (10 s cells, 3 rounds)
-#   benches/replication-bench.sh --quick         smoke run (3 s cells, 1 round, 256 MiB)
-#   benches/replication-bench.sh --protocols C
+#   benches/replication-bench.sh --quick         smoke run (under 2 minutes)
+#   benches/replication-bench.sh --protocols C --rtts 0,5
 #
 # Options (each also settable through the environment variable shown):
-#   --quick              3 s cells, 1 s ramp, 1 round, 256 MiB (unless set otherwise)
+#   --quick              1 s cells, no ramp, 1 round, 256 MiB, RTT 0 and 5 ms,
+#                        protocols A and C, sizes 1 and 1024 GiB (unless set)
 #   --protocols LIST     comma-separated subset of A,B,C   [BENCH_PROTOCOLS, A,B,C]
+#   --rtts LIST          link round-trip times in ms, whole numbers
+#                                                          [BENCH_RTTS, 0,1,5]
+#   --baselines LIST     subset of file,serve,nbdkit,qemu-nbd, or "none"
+#                                                          [BENCH_BASELINES, all four]
+#   --sizes LIST         device sizes in GiB for the memory and start-up rows
+#                        (sparse files), or "none"         [BENCH_SIZES, 1,64,1024]
+#   --no-resync          skip the resync rows
 #   --rounds N           rounds per row; figures are medians  [BENCH_ROUNDS, 3]
 #   --runtime S          measured seconds per cell             [BENCH_RUNTIME, 10]
 #   --ramp S             unmeasured warm-up seconds per cell   [BENCH_RAMP, 2]
@@ -18,11 +30,13 @@
 #   --rows LIST          comma-separated subset of the row ids: write-1m-seq,
 #                        randwrite-4k-qd32, randwrite-4k-qd1    [BENCH_ROWS, all]
 #   --work-dir DIR       backing files, raw fio JSON and logs  [BENCH_WORK_DIR, benches/work]
-#   --no-build           use the existing target/release/tandem
-#   --report RUN_DIR     only render the report of an earlier run again
+#   --results-dir DIR    where the report and plots go  [BENCH_RESULTS_DIR, benches/results]
+#   --no-build           use the existing target/release/tandem and tandem-netem
+#   --report RUN_DIR     only render the report (and plots) of an earlier run again
 #
-# The markdown report goes to stdout and to benches/results/replication-<date>.md
-# (replication-<date>-quick.md for --quick); progress goes to stderr. The raw
+# The markdown report goes to stdout and to <results-dir>/replication-<date>.md
+# (replication-<date>-quick.md for --quick), its plots to
+# <results-dir>/replication-<date>-*.png; progress goes to stderr. The raw
 # fio JSON, the daemons' logs and configuration (one directory per cell) and
 # the inputs of the report stay in <work-dir>/runs/replication-<date>/.
 # Exit status: 0 when every cell ran, 1 when a cell failed, 2 on bad usage.
@@ -46,13 +60,28 @@ ramp="${BENCH_RAMP:-}"
 size_mib="${BENCH_SIZE_MIB:-}"
 only_rows="${BENCH_ROWS:-}"
 work="${BENCH_WORK_DIR:-benches/work}"
+results_dir="${BENCH_RESULTS_DIR:-$repo/benches/results}"
+rtts="${BENCH_RTTS:-}"
+baselines="${BENCH_BASELINES:-}"
+sizes="${BENCH_SIZES:-}"
+resync=1
+protocols_set="${BENCH_PROTOCOLS:+1}"
 
 while [ $# -gt 0 ]; do
   case "$1" in
     --quick) quick=1 ;;
     --no-build) build=0 ;;
-    --protocols) protocols="${2:?--protocols needs a list}"; shift ;;
-    --protocols=*) protocols="${1#*=}" ;;
+    --protocols) protocols="${2:?--protocols needs a list}"; protocols_set=1; shift ;;
+    --protocols=*) protocols="${1#*=}"; protocols_set=1 ;;
+    --rtts) rtts="${2:?--rtts needs a list}"; shift ;;
+    --rtts=*) rtts="${1#*=}" ;;
+    --baselines) baselines="${2:?--baselines needs a list}"; shift ;;
+    --baselines=*) baselines="${1#*=}" ;;
+    --sizes) sizes="${2:?--sizes needs a list}"; shift ;;
+    --sizes=*) sizes="${1#*=}" ;;
+    --no-resync) resync=0 ;;
+    --results-dir) results_dir="${2:?--results-dir needs DIR}"; shift ;;
+    --results-dir=*) results_dir="${1#*=}" ;;
     --rounds) rounds="${2:?--rounds needs N}"; shift ;;
     --rounds=*) rounds="${1#*=}" ;;
     --runtime) runtime="${2:?--runtime needs S}"; shift ;;
@@ -73,10 +102,12 @@ while [ $# -gt 0 ]; do
   shift
 done
 if [ "$quick" -eq 1 ]; then
-  : "${rounds:=1}" "${runtime:=3}" "${ramp:=1}" "${size_mib:=256}"
+  : "${rounds:=1}" "${runtime:=1}" "${ramp:=0}" "${size_mib:=256}" "${rtts:=0,5}" "${sizes:=1,1024}"
+  [ -n "$protocols_set" ] || protocols=A,C
 else
-  : "${rounds:=3}" "${runtime:=10}" "${ramp:=2}" "${size_mib:=1024}"
+  : "${rounds:=3}" "${runtime:=10}" "${ramp:=2}" "${size_mib:=1024}" "${rtts:=0,1,5}" "${sizes:=1,64,1024}"
 fi
+: "${baselines:=file,serve,nbdkit,qemu-nbd}"
 for n in rounds runtime size_mib; do
   [[ "${!n}" =~ ^[1-9][0-9]*$ ]] || die "$n must be a positive integer, not '${!n}'"
 done
@@ -88,177 +119,47 @@ IFS=, read -r -a protocol_list <<<"$protocols"
 for p in "${protocol_list[@]}"; do
   case "$p" in A|B|C) ;; *) die "unknown protocol '$p' (A, B, C)" ;; esac
 done
-# The servers of a round: the baseline, then one pair per protocol.
-server_list=(serve "${protocol_list[@]}")
+IFS=, read -r -a rtt_list <<<"$rtts"
+[ ${#rtt_list[@]} -gt 0 ] || die "--rtts is empty"
+for r in "${rtt_list[@]}"; do
+  if ! [[ "$r" =~ ^[0-9]+$ ]] || [ "$r" -gt 1000 ]; then
+    die "RTT '$r' is not a whole number of ms from 0 to 1000"
+  fi
+done
+baseline_list=()
+if [ "$baselines" != none ]; then
+  IFS=, read -r -a baseline_list <<<"$baselines"
+  for b in "${baseline_list[@]}"; do
+    case "$b" in file|serve|nbdkit|qemu-nbd) ;; *) die "unknown baseline '$b' (file, serve, nbdkit, qemu-nbd)" ;; esac
+  done
+fi
+size_list=()
+if [ "$sizes" != none ]; then
+  IFS=, read -r -a size_list <<<"$sizes"
+  for g in "${size_list[@]}"; do
+    if ! [[ "$g" =~ ^[1-9][0-9]*$ ]] || [ "$g" -gt 16384 ]; then
+      die "size '$g' is not a whole number of GiB from 1 to 16384"
+    fi
+  done
+fi
+# The servers of a round: the baselines, then one pair per protocol and RTT
+# (named like C@5ms).
+server_list=("${baseline_list[@]}")
+for r in "${rtt_list[@]}"; do
+  for p in "${protocol_list[@]}"; do server_list+=("$p@${r}ms"); done
+done
 servers=$(IFS=,; echo "${server_list[*]}")
 
 # ---------------------------------------------------------------- report
-# render_report RUN_DIR: the markdown report of a run directory on stdout.
-# It reuses the fio parsing and formatting of benches/fio_report.py.
+# render_report RUN_DIR [PLOT_PREFIX]: the markdown report of a run directory
+# on stdout; with PLOT_PREFIX, the plots as PLOT_PREFIX-*.png (gnuplot).
 render_report() {
-  PYTHONDONTWRITEBYTECODE=1 python3 - "$repo/benches" "$1" <<'EOF'
-import os
-import statistics
-import sys
-
-sys.path.insert(0, sys.argv[1])
-from fio_report import fio_numbers, fmt, ratio_text, read_tsv  # noqa: E402
-
-run_dir = sys.argv[2]
-BASE = "serve"
-# The issue's targets, protocol C over serve measured in the same run.
-TARGETS = {("write-1m-seq", "mbps"): 0.80, ("randwrite-4k-qd32", "iops"): 0.50}
-SUBJECT = "C"
-
-meta = read_tsv(os.path.join(run_dir, "meta.tsv"))
-meta_d = {kv[0]: kv[1] if len(kv) > 1 else "" for kv in meta}
-rows = read_tsv(os.path.join(run_dir, "rows.tsv"))
-cells = read_tsv(os.path.join(run_dir, "cells.tsv"))
-servers = [s for s in meta_d.get("servers", "").split(",") if s]
-pairs = [s for s in servers if s != BASE]
-
-
-def name(s):
-    return "serve" if s == BASE else f"protocol {s}"
-
-
-results, cpu, failures, notes = {}, {}, [], []
-for cell in cells:
-    cell += [""] * (9 - len(cell))
-    row, rnd, server, status, jpath, cpu_p, cpu_s, _cached, note = cell[:9]
-    slot = results.setdefault(row, {}).setdefault(server, {})
-    if note:
-        notes.append(f"{row} / {name(server)} / round {rnd}: {note}")
-    if status != "ok":
-        slot[rnd] = status
-        failures.append(f"{row} / {name(server)} / round {rnd}: {status}")
-        continue
-    try:
-        slot[rnd] = fio_numbers(os.path.join(run_dir, jpath))
-    except (OSError, ValueError, KeyError) as e:
-        slot[rnd] = f"unreadable fio output ({e})"
-        failures.append(f"{row} / {name(server)} / round {rnd}: {slot[rnd]}")
-        continue
-    if cpu_p:
-        cpu.setdefault(row, {}).setdefault(server, []).append(
-            (float(cpu_p), float(cpu_s) if cpu_s else None))
-
-
-def values(row, server, metric):
-    per_round = results.get(row, {}).get(server, {})
-    return {r: v[metric] for r, v in per_round.items()
-            if isinstance(v, dict) and v[metric] is not None}
-
-
-def median(row, server, metric):
-    vals = list(values(row, server, metric).values())
-    return statistics.median(vals) if vals else None
-
-
-def ratios(row, a, b, metric):
-    va, vb = values(row, a, metric), values(row, b, metric)
-    return [va[r] / vb[r] for r in sorted(va) if r in vb and vb[r] > 0]
-
-
-out = []
-w = out.append
-w(f"# Replication benchmark: {meta_d.get('date', '?')}")
-w("")
-for kv in meta:
-    if kv[0] != "date":
-        w(f"- **{kv[0]}**: {kv[1] if len(kv) > 1 else ''}")
-w("")
-
-has_base = BASE in servers
-targets = has_base and SUBJECT in servers
-head = ["Row", "Metric"] + [name(s) for s in servers]
-if has_base:
-    head += [f"{s}/serve" for s in pairs]
-if targets:
-    head += ["target C/serve", "met"]
-w("| " + " | ".join(head) + " |")
-w("|" + "|".join(["---", "---"] + ["---:"] * (len(head) - 2)) + "|")
-verdicts = []
-for row, label, kind in rows:
-    metrics = []
-    if kind.startswith("iops"):
-        metrics.append(("iops", "IOPS"))
-    if kind == "bw":
-        metrics.append(("mbps", "MB/s"))
-    if kind.endswith("+lat"):
-        metrics += [("p50", "p50 latency µs"), ("p99", "p99 latency µs")]
-    for metric, mlabel in metrics:
-        line = [label, mlabel] + [fmt(median(row, s, metric), metric) for s in servers]
-        if has_base:
-            line += [ratio_text(ratios(row, s, BASE, metric)) for s in pairs]
-        if targets:
-            target = TARGETS.get((row, metric))
-            if target is None:
-                line += ["", ""]
-            else:
-                rs = ratios(row, SUBJECT, BASE, metric)
-                med = statistics.median(rs) if rs else None
-                ok = med is not None and med >= target
-                line += [f"≥ {target:.2f}", "yes" if ok else "**no**"]
-                verdicts.append(
-                    f"{label} {mlabel}: C/serve "
-                    + ("—" if med is None else f"{med:.2f}")
-                    + f" (target ≥ {target:.2f}) " + ("met" if ok else "**not met**"))
-        w("| " + " | ".join(line) + " |")
-w("")
-w("Figures are medians over rounds; ratios are medians of per-round ratios "
-  "(all servers run back to back in each round), with [min–max] over rounds. "
-  "IOPS and MB/s ratios: higher is better for the pair; latency ratios: "
-  "lower is better (a ratio of 2 means twice serve's latency).")
-if verdicts:
-    w("")
-    w("Targets (protocol C vs serve, same run): " + "; ".join(verdicts) + ".")
-
-if cpu:
-    w("")
-    w("CPU seconds (user+system) per cell, median over rounds, includes ramp "
-      "time and set-up; for a pair, Primary + Secondary (fio and both daemons "
-      "share the same cores):")
-    w("")
-    w("| Row | " + " | ".join(name(s) for s in servers) + " |")
-    w("|---|" + "|".join(["---:"] * len(servers)) + "|")
-    for row, label, _kind in rows:
-        line = [label]
-        for s in servers:
-            v = cpu.get(row, {}).get(s)
-            if not v:
-                line.append("—")
-            elif s == BASE:
-                line.append(fmt(statistics.median(x[0] for x in v), "cpu"))
-            else:
-                p = statistics.median(x[0] for x in v)
-                q = statistics.median(x[1] for x in v if x[1] is not None)
-                line.append(f"{fmt(p, 'cpu')} + {fmt(q, 'cpu')}")
-        w("| " + " | ".join(line) + " |")
-
-n_pair_cells = sum(1 for c in cells if c[2] != BASE and c[3] == "ok")
-w("")
-w(f"Replication check: after each of the {n_pair_cells} pair cells that ran, both "
-  "nodes were Connected and UpToDate/UpToDate with 0 bytes out of sync (a cell "
-  "where this did not hold is listed as failed), and the Secondary had written as "
-  "many KiB as the Primary (`dw` of `status r0 --json`) unless noted below.")
-if notes:
-    w("")
-    w("Notes:")
-    for n in notes:
-        w(f"- {n}")
-if failures:
-    w("")
-    w("Failed cells:")
-    for f in failures:
-        w(f"- {f}")
-print("\n".join(out))
-EOF
+  PYTHONDONTWRITEBYTECODE=1 python3 "$repo/benches/harness_report.py" "$@"
 }
 
 if [ -n "$report_only" ]; then
   [ -f "$report_only/meta.tsv" ] || die "$report_only has no meta.tsv (not a run directory)"
-  render_report "$report_only"
+  render_report "$report_only" "${report_only%/}/plot"
   exit 0
 fi
 
@@ -267,12 +168,21 @@ fi
 missing=()
 command -v fio >/dev/null 2>&1 || missing+=(fio)
 command -v nbdinfo >/dev/null 2>&1 || missing+=(libnbd-bin)
+for b in "${baseline_list[@]}"; do
+  case "$b" in
+    nbdkit) command -v nbdkit >/dev/null 2>&1 || missing+=(nbdkit) ;;
+    qemu-nbd) command -v qemu-nbd >/dev/null 2>&1 || missing+=(qemu-utils) ;;
+  esac
+done
+command -v gnuplot >/dev/null 2>&1 || missing+=(gnuplot-nox)
 if [ ${#missing[@]} -gt 0 ]; then
   if [ "$(id -u)" -eq 0 ] && command -v apt-get >/dev/null 2>&1; then
     log "installing ${missing[*]}"
     export DEBIAN_FRONTEND=noninteractive
     apt-get update -qq
     apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
+  elif [ "${missing[*]}" = gnuplot-nox ]; then
+    log "no gnuplot: the report will have no plots (install gnuplot-nox)"
   else
     die "missing tools: install the Debian packages ${missing[*]}"
   fi
@@ -281,12 +191,15 @@ command -v python3 >/dev/null 2>&1 || die "python3 is needed for the report"
 fio --enghelp=nbd >/dev/null 2>&1 || die "this fio has no nbd ioengine (Debian's fio has it)"
 
 tandem_bin="${CARGO_TARGET_DIR:-target}/release/tandem"
+netem_bin="${CARGO_TARGET_DIR:-target}/release/tandem-netem"
 if [ "$build" -eq 1 ]; then
-  log "cargo build --release -p tandem"
-  cargo build --release -p tandem >&2
+  log "cargo build --release -p tandem -p tandem-netem"
+  cargo build --release -p tandem -p tandem-netem >&2
 fi
 [ -x "$tandem_bin" ] || die "$tandem_bin not found (build it or drop --no-build)"
+[ -x "$netem_bin" ] || die "$netem_bin not found (build it or drop --no-build)"
 tandem_bin=$(cd "$(dirname "$tandem_bin")" && pwd)/tandem
+netem_bin=$(cd "$(dirname "$netem_bin")" && pwd)/tandem-netem
 
 # ---------------------------------------------------------------- work dir
 stamp=$(date +%Y-%m-%d-%H%M%S)
@@ -301,12 +214,18 @@ mkdir -p "$run_dir/cells"
 img_serve="$work/replication-serve.img"
 img_alpha="$work/replication-alpha.img"
 img_beta="$work/replication-beta.img"
-results_dir="$repo/benches/results"
+pair_alpha=$img_alpha
+pair_beta=$img_beta
 mkdir -p "$results_dir"
+results_dir=$(cd "$results_dir" && pwd)
 report="$results_dir/replication-$stamp$suffix.md"
+img_scale_alpha="$work/replication-scale-alpha.img"
+img_scale_beta="$work/replication-scale-beta.img"
 
 # ---------------------------------------------------------------- servers
-serve_pid=""     # the running `tandem serve`, if any
+serve_pid=""     # the running baseline server (`tandem serve`, nbdkit, qemu-nbd), if any
+serve_name=""    # its name
+proxy_pids=()    # the running tandem-netem proxies, if any
 pair_dir=""      # the cell directory of the running pair, if any
 pair_pids=()     # daemon pids of the running pair (alpha, beta), started here
 nbd_uri=""       # where fio connects for the current cell
@@ -317,7 +236,7 @@ data_size=""     # the pair's replicated size (dump-md data-size)
 cleanup() {
   stop_serve
   stop_pair
-  rm -f "$img_serve" "$img_alpha" "$img_beta"
+  rm -f "$img_serve" "$img_alpha" "$img_beta" "$img_scale_alpha" "$img_scale_beta"
 }
 trap cleanup EXIT
 trap 'log "interrupted"; exit 130' INT TERM
@@ -360,17 +279,30 @@ stop_pid() {
   wait "$pid" 2>/dev/null || true
 }
 
-# start_serve CELL_DIR: `tandem serve` on the baseline file; sets nbd_uri.
+# start_serve CELL_DIR NAME: baseline server NAME (serve, nbdkit or qemu-nbd)
+# on the baseline file; sets nbd_uri.
 start_serve() {
-  local cell=$1 port
+  local cell=$1 name=$2 port
   port=$(free_port)
-  echo "=== $(date +%T) tandem serve on port $port" >>"$cell/serve.log"
-  "$tandem_bin" serve "$img_serve" --listen "127.0.0.1:$port" >>"$cell/serve.log" 2>&1 &
+  echo "=== $(date +%T) $name on port $port" >>"$cell/serve.log"
+  case "$name" in
+    serve)
+      "$tandem_bin" serve "$img_serve" --listen "127.0.0.1:$port" >>"$cell/serve.log" 2>&1 &
+      ;;
+    nbdkit)
+      # The file plugin with its defaults: parallel thread model, page cache.
+      nbdkit -f --exit-with-parent -p "$port" -i 127.0.0.1 file "$img_serve" >>"$cell/serve.log" 2>&1 &
+      ;;
+    qemu-nbd)
+      qemu-nbd -f raw -t -p "$port" -b 127.0.0.1 --cache=writeback --aio=threads "$img_serve" >>"$cell/serve.log" 2>&1 &
+      ;;
+  esac
   serve_pid=$!
+  serve_name=$name
   nbd_uri="nbd://127.0.0.1:$port"
   if ! wait_nbd "$nbd_uri"; then
     tail -5 "$cell/serve.log" >&2
-    log "tandem serve did not answer on port $port within 10 s (log: $cell/serve.log)"
+    log "$name did not answer on port $port within 10 s (log: $cell/serve.log)"
     stop_serve
     return 1
   fi
@@ -378,19 +310,59 @@ start_serve() {
 
 stop_serve() {
   [ -n "$serve_pid" ] || return 0
-  local pid=$serve_pid
+  local pid=$serve_pid i
   serve_pid=""
   kill -TERM "$pid" 2>/dev/null || true
-  stop_pid "$pid" "tandem serve"
+  if [ "$serve_name" = serve ]; then
+    stop_pid "$pid" "tandem serve"
+    return
+  fi
+  for ((i = 0; i < 100; i++)); do
+    kill -0 "$pid" 2>/dev/null || break
+    sleep 0.1
+  done
+  # Our child still (we have not waited for it): the pid cannot be reused.
+  kill -0 "$pid" 2>/dev/null && kill -KILL "$pid" 2>/dev/null
+  wait "$pid" 2>/dev/null || true
 }
 
 # tcli CELL NODE ARGS...: a tandem verb on NODE of the pair in CELL, at most
-# 60 s, its output on stdout and its errors in CELL/cli.log.
+# 60 s, its output on stdout and its errors in CELL/cli.log. Each node has
+# its own configuration directory: with a delayed link, each one reaches its
+# peer through a proxy.
 tcli() {
   local cell=$1 node=$2
   shift 2
-  timeout 60 "$tandem_bin" --config-dir "$cell/etc" --node "$node" --run-dir "$cell/$node" \
+  timeout 60 "$tandem_bin" --config-dir "$cell/etc-$node" --node "$node" --run-dir "$cell/$node" \
     "$@" 2>>"$cell/cli.log"
+}
+
+# start_proxy CELL NAME LISTEN_PORT TARGET_PORT DELAY_US: a tandem-netem on
+# 127.0.0.1:LISTEN_PORT forwarding to TARGET_PORT with DELAY_US one way in
+# each direction; waits until it listens.
+start_proxy() {
+  local cell=$1 name=$2 i
+  "$netem_bin" --listen "127.0.0.1:$3" --connect "127.0.0.1:$4" --delay "${5}us" \
+    --buffer 64MiB >"$cell/$name.log" 2>&1 &
+  proxy_pids+=("$!")
+  for ((i = 0; i < 100; i++)); do
+    grep -q "^listening on" "$cell/$name.log" 2>/dev/null && return 0
+    kill -0 "${proxy_pids[-1]}" 2>/dev/null || break
+    sleep 0.05
+  done
+  log "the proxy $name did not start (log: $cell/$name.log)"
+  return 1
+}
+
+stop_proxies() {
+  local pid
+  for pid in "${proxy_pids[@]}"; do
+    kill -TERM "$pid" 2>/dev/null || true
+  done
+  for pid in "${proxy_pids[@]}"; do
+    wait "$pid" 2>/dev/null || true
+  done
+  proxy_pids=()
 }
 
 # wait_state CELL NODE VERB EXPECTED: poll `VERB r0` until it prints EXPECTED (30 s).
@@ -405,58 +377,89 @@ wait_state() {
   return 1
 }
 
-# start_pair CELL_DIR PROTOCOL: a fresh pair on loopback, as an operator sets
-# one up (tests/common/pair.rs): configuration, create-md on both nodes, the
-# daemons, Connected, new-current-uuid --clear-bitmap, UpToDate/UpToDate,
-# alpha Primary and exporting r0 over NBD. Sets nbd_uri and data_size.
-start_pair() {
-  local cell=$1 proto=$2 ports=() p node ds
-  mkdir -p "$cell/etc" "$cell/alpha" "$cell/beta"
-  while [ ${#ports[@]} -lt 4 ]; do
-    p=$(free_port)
-    [[ " ${ports[*]} " == *" $p "* ]] || ports+=("$p")
-  done
-  pair_nbd=${ports[2]}
-  # Defaults for everything else (net.timeout 6s, ping-int 10s, al-extents
-  # 1237); connect-int 1s so that the nodes find each other quickly.
-  cat >"$cell/etc/r0.toml" <<TOML
-protocol = "$proto"
-
+# write_config CELL NODE PROTOCOL EXTRA ALPHA_ADDR BETA_ADDR ALPHA_NBD BETA_NBD:
+# NODE's view of the resource: the peer's address is where NODE reaches it
+# (a proxy when the link is delayed).
+write_config() {
+  local cell=$1 node=$2
+  mkdir -p "$cell/etc-$node"
+  cat >"$cell/etc-$node/r0.toml" <<TOML
+protocol = "$3"
+$4
 [net]
 shared-secret = "replication-bench"
 connect-int = "1s"
 
 [[node]]
 name = "alpha"
-address = "127.0.0.1:${ports[0]}"
-disk = "$img_alpha"
+address = "$5"
+disk = "$pair_alpha"
 meta-disk = "internal"
-nbd = "127.0.0.1:${ports[2]}"
+nbd = "$7"
 
 [[node]]
 name = "beta"
-address = "127.0.0.1:${ports[1]}"
-disk = "$img_beta"
+address = "$6"
+disk = "$pair_beta"
 meta-disk = "internal"
-nbd = "127.0.0.1:${ports[3]}"
+nbd = "$8"
 TOML
+}
+
+# start_pair CELL_DIR PROTOCOL RTT_MS [EXTRA_TOML]: a fresh pair on loopback,
+# as an operator sets one up (tests/common/pair.rs): configuration, create-md
+# on both nodes, the daemons, Connected, new-current-uuid --clear-bitmap,
+# UpToDate/UpToDate, alpha Primary and exporting r0 over NBD. With RTT_MS > 0
+# each node reaches the other through its own tandem-netem proxy delaying
+# each direction by half the RTT, so every link packet crosses one proxy.
+# Backing files: $pair_alpha and $pair_beta. Sets nbd_uri and data_size.
+start_pair() {
+  local cell=$1 proto=$2 rtt=$3 extra=${4:-} ports=() p node ds a_addr b_addr
+  mkdir -p "$cell/alpha" "$cell/beta"
+  while [ ${#ports[@]} -lt 6 ]; do
+    p=$(free_port)
+    [[ " ${ports[*]} " == *" $p "* ]] || ports+=("$p")
+  done
+  pair_nbd=${ports[2]}
+  a_addr="127.0.0.1:${ports[0]}"
+  b_addr="127.0.0.1:${ports[1]}"
+  pair_dir=$cell
+  if [ "$rtt" -gt 0 ]; then
+    if ! start_proxy "$cell" proxy-to-alpha "${ports[4]}" "${ports[0]}" $((rtt * 500)) ||
+      ! start_proxy "$cell" proxy-to-beta "${ports[5]}" "${ports[1]}" $((rtt * 500)); then
+      stop_pair
+      return 1
+    fi
+    # Defaults for everything else (net.timeout 6s, ping-int 10s, al-extents
+    # 1237); connect-int 1s so that the nodes find each other quickly.
+    write_config "$cell" alpha "$proto" "$extra" "$a_addr" "127.0.0.1:${ports[5]}" \
+      "127.0.0.1:${ports[2]}" "127.0.0.1:${ports[3]}"
+    write_config "$cell" beta "$proto" "$extra" "127.0.0.1:${ports[4]}" "$b_addr" \
+      "127.0.0.1:${ports[2]}" "127.0.0.1:${ports[3]}"
+  else
+    for node in alpha beta; do
+      write_config "$cell" "$node" "$proto" "$extra" "$a_addr" "$b_addr" \
+        "127.0.0.1:${ports[2]}" "127.0.0.1:${ports[3]}"
+    done
+  fi
   for node in alpha beta; do
     # --force: the file holds the previous cell's metadata (or random data).
     if ! tcli "$cell" "$node" create-md r0 --force >>"$cell/cli.log"; then
       log "create-md on $node failed: $(tail -1 "$cell/cli.log")"
+      stop_pair
       return 1
     fi
   done
   ds=$(tcli "$cell" alpha dump-md r0 --json | python3 -c 'import json,sys; print(json.load(sys.stdin)["data-size"])') || {
     log "dump-md on alpha failed: $(tail -1 "$cell/cli.log")"
+    stop_pair
     return 1
   }
   data_size=$ds
-  pair_dir=$cell
   # `tandem run` is the process `tandem up` starts; run here so that this
   # script is its parent and knows its pid without trusting a pid file.
   for node in alpha beta; do
-    "$tandem_bin" --config-dir "$cell/etc" --node "$node" --run-dir "$cell/$node" \
+    "$tandem_bin" --config-dir "$cell/etc-$node" --node "$node" --run-dir "$cell/$node" \
       run r0 >>"$cell/$node.log" 2>&1 &
     pair_pids+=("$!")
   done
@@ -484,7 +487,10 @@ TOML
 # stop_pair: `down r0 --force` on both nodes, then wait for (and, after 10 s,
 # kill) the daemons this script started, and only those.
 stop_pair() {
-  [ -n "$pair_dir" ] || return 0
+  if [ -z "$pair_dir" ]; then
+    stop_proxies
+    return 0
+  fi
   local cell=$pair_dir node pid i=0 dpids=()
   pair_dir=""
   for node in alpha beta; do
@@ -499,6 +505,7 @@ stop_pair() {
     stop_pid "$pid" "the daemon of node $i"
   done
   pair_pids=()
+  stop_proxies
 }
 
 # Share of FILE in the page cache, e.g. "100%".
@@ -614,10 +621,13 @@ meta="$run_dir/meta.tsv"
 first_line() { "$@" 2>&1 | head -n 1; }
 rev=$(git -C "$repo" rev-parse --short HEAD 2>/dev/null || echo unknown)
 git -C "$repo" diff --quiet HEAD -- crates Cargo.toml Cargo.lock 2>/dev/null || rev="$rev+dirty"
+cmdline="benches/replication-bench.sh --protocols $protocols --rtts $rtts --baselines $baselines --sizes $sizes --rounds $rounds --runtime $runtime --ramp $ramp --size-mib $size_mib${only_rows:+ --rows $only_rows}"
+[ "$resync" -eq 1 ] || cmdline="$cmdline --no-resync"
 {
   printf 'date\t%s\n' "$(date '+%Y-%m-%d %H:%M:%S %Z')"
   printf 'servers\t%s\n' "$servers"
-  printf 'command\t`%s`\n' "benches/replication-bench.sh --protocols $protocols --rounds $rounds --runtime $runtime --ramp $ramp --size-mib $size_mib${only_rows:+ --rows $only_rows}"
+  printf 'rtts\t%s\n' "$rtts"
+  printf 'command\t`%s`\n' "$cmdline"
   printf 'machine\t%s CPUs (%s), %s, kernel %s\n' "$(nproc)" \
     "$(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2- | sed 's/^ *//')" \
     "$(awk '/MemTotal/ {printf "%.0f GiB RAM", $2 / 1048576}' /proc/meminfo)" "$(uname -r)"
@@ -625,8 +635,16 @@ git -C "$repo" diff --quiet HEAD -- crates Cargo.toml Cargo.lock 2>/dev/null || 
   printf 'fio\t%s\n' "$(first_line fio --version)"
   printf 'libnbd\t%s\n' "$(nbdinfo --version 2>&1 | tail -n 1)"
   printf 'tandem\t%s (git %s)\n' "$(first_line "$tandem_bin" --version)" "$rev"
-  printf 'serve\t`tandem serve FILE --listen 127.0.0.1:PORT` (no replication)\n'
+  for b in "${baseline_list[@]}"; do
+    case "$b" in
+      file) printf 'file\tfio directly on the backing file: ioengine=psync at QD1, io_uring otherwise (buffered, like the servers)\n' ;;
+      serve) printf 'serve\t`tandem serve FILE --listen 127.0.0.1:PORT` (no replication)\n' ;;
+      nbdkit) printf 'nbdkit\t%s, `nbdkit -f -p PORT -i 127.0.0.1 file FILE`\n' "$(first_line nbdkit --version)" ;;
+      qemu-nbd) printf 'qemu-nbd\t%s, `qemu-nbd -f raw -t --cache=writeback --aio=threads FILE`\n' "$(first_line qemu-nbd --version)" ;;
+    esac
+  done
   printf 'pair\ttwo nodes on this machine, each `tandem --config-dir D --node NODE --run-dir D/NODE run r0` (the daemon `up` starts) on its own backing file with internal metadata; replication link and NBD on 127.0.0.1; fio writes to alpha'"'"'s export r0\n'
+  printf 'link delay\tRTT 0: the nodes connect directly; RTT R ms: each node reaches its peer through its own `tandem-netem --delay R/2 --buffer 64MiB`, so each direction of the link is delayed by R/2\n'
   printf 'pair set-up per cell\t`create-md r0 --force` on both, start both, wait Connected, `new-current-uuid r0 --clear-bitmap`, wait UpToDate/UpToDate, `primary r0` on alpha; afterwards `down r0 --force` on both\n'
   printf 'pair configuration\t`protocol` (A, B or C), `net.shared-secret`, `net.connect-int = "1s"`; every other key at its default\n'
   printf 'backing files\t3 × %s MiB (serve, alpha, beta) on %s in %s: one written from /dev/urandom and fsynced, copied to the other two, so every block is allocated in all three; read through the page cache\n' \
@@ -635,27 +653,67 @@ git -C "$repo" diff --quiet HEAD -- crates Cargo.toml Cargo.lock 2>/dev/null || 
   printf 'rounds\t%s (server order rotated every row and round; one server running at a time)\n' "$rounds"
 } >"$meta"
 
-# Probe each server once: it starts, answers, and its export size; this also
-# gives the pair's data size, which bounds fio's offsets for every server.
-probe=""
-for s in "${server_list[@]}"; do
-  cell="$run_dir/cells/probe.$s"
-  mkdir -p "$cell"
-  if [ "$s" = serve ]; then
-    start_serve "$cell" || exit 1
-  else
-    start_pair "$cell" "$s" || exit 1
-  fi
-  info=$(nbdinfo --json "$nbd_uri" 2>/dev/null |
-    python3 -c 'import json,sys; e=json.load(sys.stdin)["exports"][0]; print(("yes" if e.get("can_multi_conn") else "no") + ", size " + str(e["export-size"]))' ||
-    echo "nbdinfo failed")
-  if [ "$s" = serve ]; then stop_serve; else stop_pair; fi
-  probe="${probe:+$probe; }$s: multi-conn $info"
-  log "probe $s: multi-conn $info"
+# The link's actual round trip at each RTT setting: a 4 KiB message and a
+# 16-byte answer (a data frame and its ack) through a tandem-netem with the
+# same delay (or direct at RTT 0), median of 200. The limits in the report
+# use these, so the proxy's own overshoot is not charged to tandem.
+: >"$run_dir/rtt.tsv"
+for r in "${rtt_list[@]}"; do
+  m=$(python3 - "$netem_bin" "$r" <<'EOF'
+import socket, statistics, subprocess, sys, threading, time
+netem, rtt_ms = sys.argv[1], int(sys.argv[2])
+srv = socket.socket()
+srv.bind(("127.0.0.1", 0))
+srv.listen(1)
+def echo():
+    c, _ = srv.accept()
+    c.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    need = 0
+    while True:
+        d = c.recv(65536)
+        if not d:
+            return
+        need += len(d)
+        while need >= 4096:
+            need -= 4096
+            c.sendall(b"a" * 16)
+threading.Thread(target=echo, daemon=True).start()
+proxy = None
+addr = srv.getsockname()
+if rtt_ms > 0:
+    proxy = subprocess.Popen([netem, "--listen", "127.0.0.1:0", "--connect", f"127.0.0.1:{addr[1]}",
+                              "--delay", f"{rtt_ms * 500}us"], stdout=subprocess.PIPE, text=True)
+    host, port = proxy.stdout.readline().split()[-1].rsplit(":", 1)
+    addr = (host, int(port))
+try:
+    s = socket.create_connection(addr)
+    s.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    times = []
+    for _ in range(200):
+        t = time.perf_counter()
+        s.sendall(b"d" * 4096)
+        got = 0
+        while got < 16:
+            got += len(s.recv(16 - got))
+        times.append((time.perf_counter() - t) * 1e6)
+    print(f"{statistics.median(times):.0f}")
+finally:
+    if proxy:
+        proxy.terminate()
+        proxy.wait()
+EOF
+  ) || m=""
+  printf '%s\t%s\n' "$r" "$m" >>"$run_dir/rtt.tsv"
+  log "link RTT setting $r ms: measured ${m:-?} us"
 done
-[ -n "$data_size" ] || die "no pair was probed (no protocol?)"
+
+# The pair's data size bounds fio's offsets for every server: probe one pair.
+probe_cell="$run_dir/cells/probe"
+mkdir -p "$probe_cell"
+start_pair "$probe_cell" "${protocol_list[0]}" 0 || exit 1
+stop_pair
 fio_size=$(( data_size / 1048576 * 1048576 ))
-printf 'exports\t%s; fio uses the first %s bytes (%s MiB)\n' "$probe" "$fio_size" "$((fio_size / 1048576))" >>"$meta"
+printf 'fio size\t%s bytes (%s MiB)\n' "$fio_size" "$((fio_size / 1048576))" >>"$meta"
 
 # ---------------------------------------------------------------- run
 cells="$run_dir/cells.tsv"
@@ -664,8 +722,8 @@ failed=0
 n=${#server_list[@]}
 total=$(( ${#rows[@]} * rounds * n ))
 done_cells=0
-eta=$(( total * (runtime + ramp + 4) ))
-log "$total cells of ${runtime}s (+${ramp}s ramp); about $(( eta / 60 )) min $(( eta % 60 )) s"
+eta=$(( total * (runtime + ramp + 3) ))
+log "$total cells of ${runtime}s (+${ramp}s ramp); about $(( eta / 60 )) min $(( eta % 60 )) s, then resync and size rows"
 for ((ri = 0; ri < ${#rows[@]}; ri++)); do
   IFS='|' read -r id label rw bs qd _kind <<<"${rows[ri]}"
   for ((round = 1; round <= rounds; round++)); do
@@ -675,23 +733,37 @@ for ((ri = 0; ri < ${#rows[@]}; ri++)); do
       out="$id.$s.r$round.json"
       cell="$run_dir/cells/$id.$s.r$round"
       mkdir -p "$cell"
-      if [ "$s" = serve ]; then
-        files=("$img_serve")
-        start_serve "$cell" || {
-          printf '%s\t%s\t%s\t%s\t\t\t\t\t\n' "$id" "$round" "$s" "server did not start" >>"$cells"
-          failed=1
-          continue
-        }
-        pids=("$serve_pid")
-      else
-        files=("$img_alpha" "$img_beta")
-        start_pair "$cell" "$s" || {
-          printf '%s\t%s\t%s\t%s\t\t\t\t\t\n' "$id" "$round" "$s" "pair did not come up (logs: cells/${cell##*/})" >>"$cells"
-          failed=1
-          continue
-        }
-        pids=("${pair_pids[@]}")
-      fi
+      target=(--ioengine=nbd --uri="PLACEHOLDER")
+      pids=()
+      case "$s" in
+        file)
+          files=("$img_serve")
+          engine=io_uring
+          [ "$qd" -eq 1 ] && engine=psync
+          target=(--ioengine="$engine" --filename="$img_serve")
+          ;;
+        serve|nbdkit|qemu-nbd)
+          files=("$img_serve")
+          start_serve "$cell" "$s" || {
+            printf '%s\t%s\t%s\t%s\t\t\t\t\t\n' "$id" "$round" "$s" "server did not start" >>"$cells"
+            failed=1
+            continue
+          }
+          pids=("$serve_pid")
+          target=(--ioengine=nbd --uri="$nbd_uri")
+          ;;
+        *)
+          files=("$img_alpha" "$img_beta")
+          rtt=${s#*@}
+          start_pair "$cell" "${s%@*}" "${rtt%ms}" || {
+            printf '%s\t%s\t%s\t%s\t\t\t\t\t\n' "$id" "$round" "$s" "pair did not come up (logs: cells/${cell##*/})" >>"$cells"
+            failed=1
+            continue
+          }
+          pids=("${pair_pids[@]}")
+          target=(--ioengine=nbd --uri="$nbd_uri")
+          ;;
+      esac
       # Flush dirty pages from the previous cell (and the set-up) so that
       # their writeback is not charged to this cell, and pull the backing
       # files back into the page cache: memory reclaim (this VM runs DAMON's
@@ -700,7 +772,7 @@ for ((ri = 0; ri < ${#rows[@]}; ri++)); do
       cat "${files[@]}" >/dev/null
       status=ok
       note=""
-      if ! fio --name="$id" --ioengine=nbd --uri="$nbd_uri" \
+      if ! fio --name="$id" "${target[@]}" \
         --rw="$rw" --bs="$bs" --iodepth="$qd" --numjobs=1 --size="$fio_size" \
         --time_based --runtime="$runtime" --ramp_time="$ramp" \
         --norandommap --randrepeat=1 --randseed=20251123 \
@@ -710,25 +782,27 @@ for ((ri = 0; ri < ${#rows[@]}; ri++)); do
       fi
       cpu=()
       for pid in "${pids[@]}"; do cpu+=("$(proc_cpu "$pid")"); done
-      [ ${#cpu[@]} -ge 2 ] || cpu+=("")
+      while [ ${#cpu[@]} -lt 2 ]; do cpu+=(""); done
       cached=""
       for f in "${files[@]}"; do cached="${cached:+$cached/}$(cached_pct "$f")"; done
       for pid in "${pids[@]}"; do
         if ! kill -0 "$pid" 2>/dev/null; then
-          status="a daemon died during the cell (logs: cells/${cell##*/})"
+          status="a server or daemon died during the cell (logs: cells/${cell##*/})"
         fi
       done
-      if [ "$s" = serve ]; then
-        stop_serve
-      else
-        if [ "$status" = ok ]; then
-          IFS=$'\t' read -r verdict note < <(check_pair "$cell") || true
-          [ "$verdict" = ok ] || status="pair not in sync after the cell: ${verdict#bad: } (logs: cells/${cell##*/})"
-        fi
-        warn=$(log_warnings "$cell")
-        [ -z "$warn" ] || note="${note:+$note; }$warn"
-        stop_pair
-      fi
+      case "$s" in
+        file) ;;
+        serve|nbdkit|qemu-nbd) stop_serve ;;
+        *)
+          if [ "$status" = ok ]; then
+            IFS=$'\t' read -r verdict note < <(check_pair "$cell") || true
+            [ "$verdict" = ok ] || status="pair not in sync after the cell: ${verdict#bad: } (logs: cells/${cell##*/})"
+          fi
+          warn=$(log_warnings "$cell")
+          [ -z "$warn" ] || note="${note:+$note; }$warn"
+          stop_pair
+          ;;
+      esac
       [ -s "$run_dir/$out.stderr" ] || rm -f "$run_dir/$out.stderr"
       printf '%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\n' "$id" "$round" "$s" "$status" "$out" \
         "${cpu[0]}" "${cpu[1]}" "$cached" "$note" >>"$cells"
@@ -749,13 +823,127 @@ EOF
     done
   done
 done
+
+# ---------------------------------------------------------------- resync
+# At each RTT: a protocol C pair, `invalidate-remote` on alpha, and the time
+# until beta is UpToDate again: the whole device crosses the delayed link.
+# resync-rate is set far above what the disks sustain (unthrottled); with no
+# client I/O the dynamic controller does not slow it down.
+now_ns() { date +%s%N; }
+: >"$run_dir/resync.tsv"
+if [ "$resync" -eq 1 ]; then
+  for r in "${rtt_list[@]}"; do
+    cell="$run_dir/cells/resync.${r}ms"
+    mkdir -p "$cell"
+    status=ok
+    secs=""
+    if start_pair "$cell" C "$r" $'[disk]\nresync-rate = "4GiB"\n'; then
+      sync
+      cat "$img_alpha" "$img_beta" >/dev/null
+      t0=$(now_ns)
+      if tcli "$cell" alpha invalidate-remote r0 >>"$cell/cli.log" &&
+        wait_state "$cell" beta dstate UpToDate/UpToDate; then
+        t1=$(now_ns)
+        secs=$(python3 -c "print(f'{($t1 - $t0) / 1e9:.3f}')")
+        tcli "$cell" beta status r0 --json >"$cell/status.beta.json" || true
+      else
+        status="the resync did not finish (logs: cells/${cell##*/})"
+        failed=1
+      fi
+      stop_pair
+    else
+      status="pair did not come up (logs: cells/${cell##*/})"
+      failed=1
+    fi
+    printf '%s\t%s\t%s\t%s\n' "$r" "$data_size" "$secs" "$status" >>"$run_dir/resync.tsv"
+    log "resync at RTT $r ms: ${secs:-—} s for $data_size bytes ($status)"
+  done
+fi
+
+# ---------------------------------------------------------------- sizes
+# Memory use and start-up time against device size, on sparse backing files
+# (protocol C, RTT 0): create-md; the daemon's start-up (spawn to `dstate`
+# answering with the disk attached); the Primary's resident memory once the
+# pair is up, and its peak after writes spread over the whole device.
+: >"$run_dir/sizes.tsv"
+vm_kib() { awk -v k="$2:" '$1 == k {print $2}' "/proc/$1/status" 2>/dev/null; }
+for g in "${size_list[@]}"; do
+  cell="$run_dir/cells/size.${g}GiB"
+  mkdir -p "$cell"
+  rm -f "$img_scale_alpha" "$img_scale_beta"
+  truncate -s "${g}G" "$img_scale_alpha" "$img_scale_beta"
+  pair_alpha=$img_scale_alpha
+  pair_beta=$img_scale_beta
+  status=ok
+  row=""
+  # Configuration and metadata as start_pair makes them, timed here step by step.
+  ports=()
+  while [ ${#ports[@]} -lt 4 ]; do
+    p=$(free_port)
+    [[ " ${ports[*]} " == *" $p "* ]] || ports+=("$p")
+  done
+  mkdir -p "$cell/alpha" "$cell/beta"
+  for node in alpha beta; do
+    write_config "$cell" "$node" C "" "127.0.0.1:${ports[0]}" "127.0.0.1:${ports[1]}" \
+      "127.0.0.1:${ports[2]}" "127.0.0.1:${ports[3]}"
+  done
+  pair_dir=$cell
+  t0=$(now_ns)
+  if tcli "$cell" alpha create-md r0 --force >>"$cell/cli.log" &&
+    t1=$(now_ns) && tcli "$cell" beta create-md r0 --force >>"$cell/cli.log"; then
+    "$tandem_bin" --config-dir "$cell/etc-alpha" --node alpha --run-dir "$cell/alpha" \
+      run r0 >>"$cell/alpha.log" 2>&1 &
+    pair_pids+=("$!")
+    t2=$(now_ns)
+    for ((i = 0; i < 3000; i++)); do
+      st=$(timeout 10 "$tandem_bin" --config-dir "$cell/etc-alpha" --node alpha --run-dir "$cell/alpha" \
+        dstate r0 2>/dev/null) && [ -n "$st" ] && [ "${st%%/*}" != Diskless ] && break
+      sleep 0.01
+    done
+    t3=$(now_ns)
+    "$tandem_bin" --config-dir "$cell/etc-beta" --node beta --run-dir "$cell/beta" \
+      run r0 >>"$cell/beta.log" 2>&1 &
+    pair_pids+=("$!")
+    apid=${pair_pids[0]}
+    if wait_state "$cell" alpha cstate Connected &&
+      tcli "$cell" alpha new-current-uuid r0 --clear-bitmap >>"$cell/cli.log" &&
+      wait_state "$cell" beta dstate UpToDate/UpToDate &&
+      tcli "$cell" alpha primary r0 >>"$cell/cli.log" &&
+      wait_nbd "nbd://127.0.0.1:${ports[2]}/r0"; then
+      rss_up=$(vm_kib "$apid" VmRSS)
+      if ! fio --name=spread --ioengine=nbd --uri="nbd://127.0.0.1:${ports[2]}/r0" \
+        --rw=randwrite --bs=4k --iodepth=32 --numjobs=1 --time_based --runtime="$((runtime > 5 ? 5 : runtime))" \
+        --norandommap --randrepeat=1 --randseed=20251123 \
+        --output-format=json --output="$cell/fio.json" >"$cell/fio.stderr" 2>&1; then
+        status="fio failed (logs: cells/${cell##*/})"
+        failed=1
+      fi
+      rss_after=$(vm_kib "$apid" VmRSS)
+      hwm=$(vm_kib "$apid" VmHWM)
+      row=$(python3 -c "print(f'{($t1 - $t0) / 1e9:.3f}\t{($t3 - $t2) / 1e9:.3f}')")$'\t'"$rss_up"$'\t'"$rss_after"$'\t'"$hwm"
+    else
+      status="pair did not come up (logs: cells/${cell##*/})"
+      failed=1
+    fi
+  else
+    status="create-md failed (logs: cells/${cell##*/})"
+    failed=1
+  fi
+  stop_pair
+  rm -f "$img_scale_alpha" "$img_scale_beta"
+  [ -n "$row" ] || row=$'\t\t\t\t'
+  printf '%s\t%s\t%s\n' "$g" "$row" "$status" >>"$run_dir/sizes.tsv"
+  log "size $g GiB: create-md s, start-up s, RSS KiB up / after writes / peak: ${row//$'\t'/ } ($status)"
+done
+pair_alpha=$img_alpha
+pair_beta=$img_beta
 printf 'load average at end\t%s\n' "$(cut -d' ' -f1-3 /proc/loadavg)" >>"$meta"
 
 # ---------------------------------------------------------------- report
-render_report "$run_dir" | tee "$report"
+render_report "$run_dir" "${report%.md}" | tee "$report"
 {
   echo
-  echo "Report: ${report#"$repo"/}"
+  echo "Report: $report"
   echo "Raw fio JSON, daemon logs and configuration per cell: $run_dir"
 } >&2
 exit "$failed"

@@ -5,19 +5,23 @@
 #
 #   scripts/test.sh            everything
 #   scripts/test.sh --no-fuzz  skip the fuzzing pass (quicker local runs)
+#   scripts/test.sh --no-bench skip the benchmark harness's quick mode
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
 fuzz=1
+bench=1
 for arg in "$@"; do
   case "$arg" in
     --no-fuzz) fuzz=0 ;;
-    *) echo "scripts/test.sh: unknown option $arg (expected --no-fuzz)" >&2; exit 2 ;;
+    --no-bench) bench=0 ;;
+    *) echo "scripts/test.sh: unknown option $arg (expected --no-fuzz or --no-bench)" >&2; exit 2 ;;
   esac
 done
 
 # Debian packages: real NBD clients and reference servers, fio, ext4 tools, FUSE.
-packages=(libnbd-bin python3-libnbd nbdkit fio e2fsprogs fuse3 util-linux)
+# gnuplot-nox draws the benchmark harness's plots.
+packages=(libnbd-bin python3-libnbd nbdkit fio e2fsprogs fuse3 util-linux gnuplot-nox)
 # qemu-utils is usually preinstalled (sometimes newer than bookworm's): only
 # install it when qemu-io is missing, so a newer build is never downgraded.
 command -v qemu-io >/dev/null 2>&1 || packages+=(qemu-utils)
@@ -47,6 +51,37 @@ if command -v cargo-nextest >/dev/null 2>&1; then
   cargo nextest run --workspace --no-fail-fast
 else
   cargo test --workspace --no-fail-fast
+fi
+
+if [ "$bench" -eq 1 ]; then
+  # The replication benchmark harness in its quick mode (under 2 minutes
+  # once built), so that it keeps working: every cell must run (exit 0),
+  # and the report must have its sections and plots.
+  echo "==> benchmark harness, quick mode"
+  bench_dir=$(mktemp -d)
+  trap 'rm -rf "$bench_dir"' EXIT
+  benches/replication-bench.sh --quick --work-dir "$bench_dir/work" \
+    --results-dir "$bench_dir/results" >"$bench_dir/report.md" 2>"$bench_dir/progress.log" || {
+    tail -n 30 "$bench_dir/progress.log" >&2
+    echo "benchmark harness failed (report: $bench_dir/report.md)" >&2
+    trap - EXIT
+    exit 1
+  }
+  for section in "## Baselines" "## Replication: protocol" "## Against the limits" \
+    "## Resync throughput" "## Memory and start-up" "## Plots"; do
+    grep -q "^$section" "$bench_dir/report.md" || {
+      echo "benchmark report lacks \"$section\" ($bench_dir/report.md)" >&2
+      trap - EXIT
+      exit 1
+    }
+  done
+  for plot in latency throughput sizes; do
+    ls "$bench_dir"/results/replication-*-quick-"$plot".png >/dev/null 2>&1 || {
+      echo "benchmark plot $plot is missing" >&2
+      trap - EXIT
+      exit 1
+    }
+  done
 fi
 
 if [ "$fuzz" -eq 1 ]; then

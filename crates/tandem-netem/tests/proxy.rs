@@ -56,6 +56,33 @@ async fn round_trip_takes_at_least_twice_the_delay() {
     }
 }
 
+/// The delay is what was asked for, not rounded up to tokio's millisecond
+/// timer ticks: the RTT benchmarks' limits are computed from it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_sub_millisecond_delay_is_kept_to_within_a_fraction() {
+    let (addr, _stop) = setup(Shape {
+        delay: Duration::from_micros(1500),
+        ..Shape::default()
+    })
+    .await;
+    let mut s = TcpStream::connect(&addr).await.unwrap();
+    s.set_nodelay(true).unwrap();
+    let mut b = [0u8; 1];
+    let mut rtts = Vec::new();
+    for i in 0..21u8 {
+        let t = Instant::now();
+        s.write_all(&[i]).await.unwrap();
+        s.read_exact(&mut b).await.unwrap();
+        rtts.push(t.elapsed());
+    }
+    rtts.sort();
+    let median = rtts[rtts.len() / 2];
+    assert!(
+        median >= Duration::from_millis(3) && median < Duration::from_micros(3600),
+        "median round trip {median:?} for 2 × 1.5 ms (all: {rtts:?})"
+    );
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn bytes_arrive_intact_in_order_and_no_faster_than_the_cap() {
     let (addr, _stop) = setup(Shape {
