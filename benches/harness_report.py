@@ -190,6 +190,7 @@ def render(run, plots):
                     w("| " + " | ".join(line) + " |")
 
     render_limits(run, w)
+    render_issue4_targets(run, w)
     render_resync(run, w)
     render_sizes(run, w)
     render_cpu(run, w)
@@ -305,6 +306,25 @@ def render_limits(run, w):
                              for b in ("file", "serve")]
                     line.append(", ".join(parts))
                 w("| " + " | ".join(line) + " |")
+
+
+def render_issue4_targets(run, w):
+    """The replication engine's targets: protocol C at RTT 0 against serve."""
+    if "C" not in run.protocols or 0 not in run.rtts or "serve" not in run.baselines:
+        return
+    verdicts = []
+    for x, m, target in (("write-1m-seq", "mbps", 0.80), ("randwrite-4k-qd32", "iops", 0.50)):
+        info = row_info(run, x)
+        if info is None:
+            continue
+        med = run.ratio(x, "C@0ms", "serve", m)
+        ok = med is not None and med >= target
+        verdicts.append(f"{info[0]}: C/serve " + ("—" if med is None else f"{med:.2f}")
+                        + f" (target ≥ {target:.2f}) " + ("met" if ok else "**not met**"))
+    if verdicts:
+        w("")
+        w("Replication engine targets (protocol C at RTT 0 against serve, same run): "
+          + "; ".join(verdicts) + ".")
 
 
 def render_resync(run, w):
