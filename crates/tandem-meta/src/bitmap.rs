@@ -45,19 +45,38 @@ impl Bitmap {
     /// bits past the end are ignored and cleared).
     pub fn from_bytes(bits: u64, bytes: &[u8]) -> Self {
         let mut bm = Self::new(bits);
-        for (w, chunk) in bm.words.iter_mut().zip(bytes.chunks(8)) {
+        bm.load_at(0, bytes);
+        bm.loaded();
+        bm
+    }
+
+    /// On-disk bytes the bitmap occupies (whole words).
+    pub fn disk_bytes(&self) -> usize {
+        self.words.len() * 8
+    }
+
+    /// Fill in on-disk bytes starting at byte `at` (a multiple of 8), so a
+    /// large bitmap is read in pieces rather than through a second copy of
+    /// its whole size. Call [`Bitmap::loaded`] after the last piece.
+    pub fn load_at(&mut self, at: usize, bytes: &[u8]) {
+        let first = at / 8;
+        let words = self.words.get_mut(first..).unwrap_or_default();
+        for (w, chunk) in words.iter_mut().zip(bytes.chunks(8)) {
             let mut a = [0u8; 8];
             a[..chunk.len()].copy_from_slice(chunk);
             *w = u64::from_le_bytes(a);
         }
-        let tail = bits % 64;
+    }
+
+    /// Finish loading: clear bits past the end, count what is set.
+    pub fn loaded(&mut self) {
+        let tail = self.bits % 64;
         if tail != 0 {
-            if let Some(last) = bm.words.last_mut() {
+            if let Some(last) = self.words.last_mut() {
                 *last &= (1u64 << tail) - 1;
             }
         }
-        bm.set = bm.words.iter().map(|w| u64::from(w.count_ones())).sum();
-        bm
+        self.set = self.words.iter().map(|w| u64::from(w.count_ones())).sum();
     }
 
     /// Number of blocks tracked.
@@ -331,6 +350,28 @@ mod tests {
         bm.clear_range(0..3 * PAGE_BITS);
         assert_eq!(bm.dirty_pages(), vec![1]);
         assert_eq!(bm.dirty_pages_in(0..PAGE_BITS), Vec::<usize>::new());
+    }
+
+    #[test]
+    fn loading_in_pieces_equals_loading_at_once() {
+        let bits = 64 * 1000 + 13;
+        let bytes: Vec<u8> = (0..(bits as usize).div_ceil(64) * 8 + 24)
+            .map(|i| (i * 37 % 251) as u8)
+            .collect();
+        let whole = Bitmap::from_bytes(bits, &bytes);
+        let mut pieces = Bitmap::new(bits);
+        for (i, piece) in bytes.chunks(8 * 7).enumerate() {
+            pieces.load_at(i * 8 * 7, piece);
+        }
+        pieces.loaded();
+        assert_eq!(whole.count(), pieces.count());
+        let all = |b: &Bitmap| {
+            (0..b.pages())
+                .flat_map(|p| b.page_bytes(p))
+                .collect::<Vec<_>>()
+        };
+        assert_eq!(all(&whole), all(&pieces));
+        assert!(whole.count() > 0);
     }
 
     #[test]

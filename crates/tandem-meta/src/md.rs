@@ -73,6 +73,29 @@ fn read_region<I: MetaIo>(io: &I, at: u64, len: u64, what: &str) -> Result<Vec<u
     Ok(b)
 }
 
+/// Read the on-disk bitmap a piece at a time: reading it whole would hold
+/// a second copy of it (32 MiB per TiB), which the allocator keeps
+/// resident after it is freed (the daemon tunes malloc to keep buffers).
+fn read_bitmap<I: MetaIo>(io: &I, layout: &Layout) -> Result<Bitmap, MetaError> {
+    const PIECE: usize = 1 << 20;
+    let mut bitmap = Bitmap::new(layout.bits());
+    let total = u64::try_from(bitmap.disk_bytes())
+        .unwrap_or(u64::MAX)
+        .min(layout.bm_size);
+    let mut buf = vec![0u8; PIECE.min(usize::try_from(total).unwrap_or(PIECE))];
+    let mut done = 0u64;
+    while done < total {
+        let n = usize::try_from((total - done).min(PIECE as u64)).unwrap_or(PIECE);
+        let at = layout.bm_offset + done;
+        io.read_at(at, &mut buf[..n])
+            .map_err(io_err(format!("cannot read the bitmap at offset {at}")))?;
+        bitmap.load_at(usize::try_from(done).unwrap_or(usize::MAX), &buf[..n]);
+        done += n as u64;
+    }
+    bitmap.loaded();
+    Ok(bitmap)
+}
+
 /// Blocks touched by a byte range (rounded outwards).
 fn blocks_out(bytes: &Range<u64>) -> Range<u64> {
     bytes.start / BLOCK_SIZE..bytes.end.div_ceil(BLOCK_SIZE)
@@ -107,8 +130,7 @@ pub(crate) fn snapshot<I: MetaIo>(io: &I) -> Result<Snapshot, MetaError> {
     let layout =
         Layout::from_superblock(sb.placement, sb.data_size, sb.md_size, sb.al_extents, size)
             .map_err(|why| MetaError::Invalid(format!("superblock is inconsistent: {why}")))?;
-    let bm_bytes = read_region(io, layout.bm_offset, layout.bm_size, "bitmap")?;
-    let bitmap = Bitmap::from_bytes(layout.bits(), &bm_bytes);
+    let bitmap = read_bitmap(io, &layout)?;
     let ring = read_region(
         io,
         layout.al_offset,
