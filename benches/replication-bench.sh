@@ -237,6 +237,7 @@ cleanup() {
   stop_serve
   stop_pair
   rm -f "$img_serve" "$img_alpha" "$img_beta" "$img_scale_alpha" "$img_scale_beta"
+  [ -z "${sock_root:-}" ] || rm -rf "$sock_root"
 }
 trap cleanup EXIT
 trap 'log "interrupted"; exit 130' INT TERM
@@ -326,6 +327,18 @@ stop_serve() {
   wait "$pid" 2>/dev/null || true
 }
 
+# The daemons' run directories (control sockets, pid files) live under a
+# short path of their own: a Unix socket path must fit in 108 bytes, which
+# the cell directories (under the work dir, wherever it is) need not.
+sock_root=$(mktemp -d /tmp/tandem-bench.XXXXXX)
+pair_run=""
+pair_runs=0
+new_pair_run() {
+  pair_runs=$((pair_runs + 1))
+  pair_run="$sock_root/$pair_runs"
+  mkdir -p "$pair_run/alpha" "$pair_run/beta"
+}
+
 # tcli CELL NODE ARGS...: a tandem verb on NODE of the pair in CELL, at most
 # 60 s, its output on stdout and its errors in CELL/cli.log. Each node has
 # its own configuration directory: with a delayed link, each one reaches its
@@ -333,7 +346,7 @@ stop_serve() {
 tcli() {
   local cell=$1 node=$2
   shift 2
-  timeout 60 "$tandem_bin" --config-dir "$cell/etc-$node" --node "$node" --run-dir "$cell/$node" \
+  timeout 60 "$tandem_bin" --config-dir "$cell/etc-$node" --node "$node" --run-dir "$pair_run/$node" \
     "$@" 2>>"$cell/cli.log"
 }
 
@@ -415,7 +428,7 @@ TOML
 # Backing files: $pair_alpha and $pair_beta. Sets nbd_uri and data_size.
 start_pair() {
   local cell=$1 proto=$2 rtt=$3 extra=${4:-} ports=() p node ds a_addr b_addr
-  mkdir -p "$cell/alpha" "$cell/beta"
+  new_pair_run
   while [ ${#ports[@]} -lt 6 ]; do
     p=$(free_port)
     [[ " ${ports[*]} " == *" $p "* ]] || ports+=("$p")
@@ -459,7 +472,7 @@ start_pair() {
   # `tandem run` is the process `tandem up` starts; run here so that this
   # script is its parent and knows its pid without trusting a pid file.
   for node in alpha beta; do
-    "$tandem_bin" --config-dir "$cell/etc-$node" --node "$node" --run-dir "$cell/$node" \
+    "$tandem_bin" --config-dir "$cell/etc-$node" --node "$node" --run-dir "$pair_run/$node" \
       run r0 >>"$cell/$node.log" 2>&1 &
     pair_pids+=("$!")
   done
@@ -643,7 +656,7 @@ cmdline="benches/replication-bench.sh --protocols $protocols --rtts $rtts --base
       qemu-nbd) printf 'qemu-nbd\t%s, `qemu-nbd -f raw -t --cache=writeback --aio=threads FILE`\n' "$(first_line qemu-nbd --version)" ;;
     esac
   done
-  printf 'pair\ttwo nodes on this machine, each `tandem --config-dir D --node NODE --run-dir D/NODE run r0` (the daemon `up` starts) on its own backing file with internal metadata; replication link and NBD on 127.0.0.1; fio writes to alpha'"'"'s export r0\n'
+  printf 'pair\ttwo nodes on this machine, each `tandem --config-dir D --node NODE --run-dir R/NODE run r0` (the daemon `up` starts) on its own backing file with internal metadata; replication link and NBD on 127.0.0.1; fio writes to alpha'"'"'s export r0\n'
   printf 'link delay\tRTT 0: the nodes connect directly; RTT R ms: each node reaches its peer through its own `tandem-netem --delay R/2 --buffer 64MiB`, so each direction of the link is delayed by R/2\n'
   printf 'pair set-up per cell\t`create-md r0 --force` on both, start both, wait Connected, `new-current-uuid r0 --clear-bitmap`, wait UpToDate/UpToDate, `primary r0` on alpha; afterwards `down r0 --force` on both\n'
   printf 'pair configuration\t`protocol` (A, B or C), `net.shared-secret`, `net.connect-int = "1s"`; every other key at its default\n'
@@ -882,7 +895,7 @@ for g in "${size_list[@]}"; do
     p=$(free_port)
     [[ " ${ports[*]} " == *" $p "* ]] || ports+=("$p")
   done
-  mkdir -p "$cell/alpha" "$cell/beta"
+  new_pair_run
   for node in alpha beta; do
     write_config "$cell" "$node" C "" "127.0.0.1:${ports[0]}" "127.0.0.1:${ports[1]}" \
       "127.0.0.1:${ports[2]}" "127.0.0.1:${ports[3]}"
@@ -891,17 +904,17 @@ for g in "${size_list[@]}"; do
   t0=$(now_ns)
   if tcli "$cell" alpha create-md r0 --force >>"$cell/cli.log" &&
     t1=$(now_ns) && tcli "$cell" beta create-md r0 --force >>"$cell/cli.log"; then
-    "$tandem_bin" --config-dir "$cell/etc-alpha" --node alpha --run-dir "$cell/alpha" \
+    "$tandem_bin" --config-dir "$cell/etc-alpha" --node alpha --run-dir "$pair_run/alpha" \
       run r0 >>"$cell/alpha.log" 2>&1 &
     pair_pids+=("$!")
     t2=$(now_ns)
     for ((i = 0; i < 3000; i++)); do
-      st=$(timeout 10 "$tandem_bin" --config-dir "$cell/etc-alpha" --node alpha --run-dir "$cell/alpha" \
+      st=$(timeout 10 "$tandem_bin" --config-dir "$cell/etc-alpha" --node alpha --run-dir "$pair_run/alpha" \
         dstate r0 2>/dev/null) && [ -n "$st" ] && [ "${st%%/*}" != Diskless ] && break
       sleep 0.01
     done
     t3=$(now_ns)
-    "$tandem_bin" --config-dir "$cell/etc-beta" --node beta --run-dir "$cell/beta" \
+    "$tandem_bin" --config-dir "$cell/etc-beta" --node beta --run-dir "$pair_run/beta" \
       run r0 >>"$cell/beta.log" 2>&1 &
     pair_pids+=("$!")
     apid=${pair_pids[0]}
