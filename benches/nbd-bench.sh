@@ -31,6 +31,8 @@
 # shellcheck disable=SC2016
 set -euo pipefail
 cd "$(dirname "$0")/.."
+# shellcheck source=benches/lib.sh
+. benches/lib.sh
 repo=$PWD
 
 usage() { sed -n '2,/^# Exit status/p' "$0" | sed -e 's/^# \{0,1\}//'; }
@@ -147,30 +149,12 @@ cleanup() {
 trap cleanup EXIT
 trap 'log "interrupted"; exit 130' INT TERM
 
-free_port() {
-  python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])'
-}
-
 # start_server NAME PORT: start NAME on 127.0.0.1:PORT serving $img, wait
 # until it answers an NBD handshake. Sets current_pid.
 start_server() {
   local name=$1 port=$2 slog="$run_dir/$1.log"
   echo "=== $(date +%T) start on port $port" >>"$slog"
-  case "$name" in
-    tandem)
-      "$tandem_bin" serve "$img" --listen "127.0.0.1:$port" >>"$slog" 2>&1 &
-      ;;
-    nbdkit)
-      # Defaults otherwise: file plugin, parallel thread model, 16 threads,
-      # cache=default (page cache).
-      nbdkit -f --exit-with-parent -p "$port" -i 127.0.0.1 file "$img" >>"$slog" 2>&1 &
-      ;;
-    qemu-nbd)
-      # -t keeps serving after the first client disconnects; writeback cache
-      # (page cache, no O_DIRECT, no O_DSYNC) like the others.
-      qemu-nbd -f raw -t -p "$port" -b 127.0.0.1 --cache=writeback --aio=threads "$img" >>"$slog" 2>&1 &
-      ;;
-  esac
+  launch_nbd_server "$name" "$tandem_bin" "$img" "$port" "$slog"
   current_pid=$!
   current_name=$name
   local i
@@ -192,25 +176,8 @@ start_server() {
   return 1
 }
 
-# Share of the backing file in the page cache, e.g. "100%".
-cached_pct() {
-  if command -v fincore >/dev/null 2>&1; then
-    fincore --bytes --noheadings --output RES "$img" 2>/dev/null |
-      awk -v size="$((size_mib * 1048576))" '{printf "%.0f%%", 100 * $1 / size}'
-  else
-    echo "unknown (no fincore)"
-  fi
-}
-
 # CPU seconds (user+system) the running server has used so far.
-server_cpu() {
-  local stat
-  stat=$(cat "/proc/$current_pid/stat" 2>/dev/null) || { echo ""; return; }
-  stat=${stat##*) }   # drop "pid (comm) "; fields now start at field 3
-  # shellcheck disable=SC2086
-  set -- $stat
-  python3 -c "import os,sys; print(f'{(int(sys.argv[1]) + int(sys.argv[2])) / os.sysconf(\"SC_CLK_TCK\"):.2f}')" "${12}" "${13}"
-}
+server_cpu() { proc_cpu "$current_pid"; }
 
 stop_server() {
   [ -n "$current_pid" ] || return 0
@@ -265,7 +232,6 @@ dd if=/dev/urandom of="$img" bs=1M count="$size_mib" conv=fsync status=none
 
 # ---------------------------------------------------------------- metadata
 meta="$run_dir/meta.tsv"
-first_line() { "$@" 2>&1 | head -n 1; }
 {
   printf 'date\t%s\n' "$(date '+%Y-%m-%d %H:%M:%S %Z')"
   printf 'servers\t%s\n' "$servers"
@@ -360,7 +326,7 @@ EOF
         summary=$status
         failed=1
       fi
-      log "[$done_cells/$total] $label, round $round, $s: $summary; file cached after the cell: $(cached_pct)"
+      log "[$done_cells/$total] $label, round $round, $s: $summary; file cached after the cell: $(cached_pct "$img" $((size_mib * 1048576)))"
     done
   done
 done

@@ -44,6 +44,8 @@
 # shellcheck disable=SC2016
 set -euo pipefail
 cd "$(dirname "$0")/.."
+# shellcheck source=benches/lib.sh
+. benches/lib.sh
 repo=$PWD
 
 usage() { sed -n '2,/^# Exit status/p' "$0" | sed -e 's/^# \{0,1\}//'; }
@@ -242,10 +244,6 @@ cleanup() {
 trap cleanup EXIT
 trap 'log "interrupted"; exit 130' INT TERM
 
-free_port() {
-  python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])'
-}
-
 # wait_nbd URI: wait until an NBD handshake on URI succeeds (10 s).
 wait_nbd() {
   local i
@@ -286,18 +284,9 @@ start_serve() {
   local cell=$1 name=$2 port
   port=$(free_port)
   echo "=== $(date +%T) $name on port $port" >>"$cell/serve.log"
-  case "$name" in
-    serve)
-      "$tandem_bin" serve "$img_serve" --listen "127.0.0.1:$port" >>"$cell/serve.log" 2>&1 &
-      ;;
-    nbdkit)
-      # The file plugin with its defaults: parallel thread model, page cache.
-      nbdkit -f --exit-with-parent -p "$port" -i 127.0.0.1 file "$img_serve" >>"$cell/serve.log" 2>&1 &
-      ;;
-    qemu-nbd)
-      qemu-nbd -f raw -t -p "$port" -b 127.0.0.1 --cache=writeback --aio=threads "$img_serve" >>"$cell/serve.log" 2>&1 &
-      ;;
-  esac
+  local server=$name
+  [ "$name" = serve ] && server=tandem
+  launch_nbd_server "$server" "$tandem_bin" "$img_serve" "$port" "$cell/serve.log"
   serve_pid=$!
   serve_name=$name
   nbd_uri="nbd://127.0.0.1:$port"
@@ -521,26 +510,6 @@ stop_pair() {
   stop_proxies
 }
 
-# Share of FILE in the page cache, e.g. "100%".
-cached_pct() {
-  if command -v fincore >/dev/null 2>&1; then
-    fincore --bytes --noheadings --output RES "$1" 2>/dev/null |
-      awk -v size="$((size_mib * 1048576))" '{printf "%.0f%%", 100 * $1 / size}'
-  else
-    echo "unknown (no fincore)"
-  fi
-}
-
-# CPU seconds (user+system) process PID has used so far.
-proc_cpu() {
-  local stat
-  stat=$(cat "/proc/$1/stat" 2>/dev/null) || { echo ""; return; }
-  stat=${stat##*) }   # drop "pid (comm) "; fields now start at field 3
-  # shellcheck disable=SC2086
-  set -- $stat
-  python3 -c "import os,sys; print(f'{(int(sys.argv[1]) + int(sys.argv[2])) / os.sysconf(\"SC_CLK_TCK\"):.2f}')" "${12}" "${13}"
-}
-
 # check_pair CELL: after fio, both nodes must still be Connected and
 # UpToDate/UpToDate with nothing out of sync; the Secondary should have
 # written what the Primary wrote (protocol A may need a moment). Saves both
@@ -631,7 +600,6 @@ sync
 
 # ---------------------------------------------------------------- metadata
 meta="$run_dir/meta.tsv"
-first_line() { "$@" 2>&1 | head -n 1; }
 rev=$(git -C "$repo" rev-parse --short HEAD 2>/dev/null || echo unknown)
 git -C "$repo" diff --quiet HEAD -- crates Cargo.toml Cargo.lock 2>/dev/null || rev="$rev+dirty"
 cmdline="benches/replication-bench.sh --protocols $protocols --rtts $rtts --baselines $baselines --sizes $sizes --rounds $rounds --runtime $runtime --ramp $ramp --size-mib $size_mib${only_rows:+ --rows $only_rows}"
@@ -797,7 +765,7 @@ for ((ri = 0; ri < ${#rows[@]}; ri++)); do
       for pid in "${pids[@]}"; do cpu+=("$(proc_cpu "$pid")"); done
       while [ ${#cpu[@]} -lt 2 ]; do cpu+=(""); done
       cached=""
-      for f in "${files[@]}"; do cached="${cached:+$cached/}$(cached_pct "$f")"; done
+      for f in "${files[@]}"; do cached="${cached:+$cached/}$(cached_pct "$f" $((size_mib * 1048576)))"; done
       for pid in "${pids[@]}"; do
         if ! kill -0 "$pid" 2>/dev/null; then
           status="a server or daemon died during the cell (logs: cells/${cell##*/})"
