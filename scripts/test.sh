@@ -53,6 +53,11 @@ else
   cargo test --workspace --no-fail-fast
 fi
 
+# The README's first command is `cargo run --release -- demo`: `cargo run`
+# must name the tandem binary without --bin.
+echo "==> cargo run -- --version"
+cargo run --quiet -- --version
+
 if [ "$bench" -eq 1 ]; then
   # The replication benchmark harness in its quick mode (under 2 minutes
   # once built), so that it keeps working: every cell must run (exit 0),
