@@ -40,20 +40,28 @@ async fn round_trip_takes_at_least_twice_the_delay() {
         ..Shape::default()
     })
     .await;
-    let mut s = TcpStream::connect(&addr).await.unwrap();
-    s.set_nodelay(true).unwrap();
-    let mut b = [0u8; 1];
-    for i in 0..5u8 {
-        let t = Instant::now();
-        s.write_all(&[i]).await.unwrap();
-        s.read_exact(&mut b).await.unwrap();
-        assert_eq!(b[0], i);
-        let rtt = t.elapsed();
+    for rtt in ping_times(&addr, 5).await {
         assert!(
             rtt >= Duration::from_millis(40),
             "round trip {rtt:?} < 2 × 20 ms"
         );
     }
+}
+
+/// Round trips of `n` one-byte pings through the proxy to the echo server.
+async fn ping_times(addr: &str, n: u8) -> Vec<Duration> {
+    let mut s = TcpStream::connect(addr).await.unwrap();
+    s.set_nodelay(true).unwrap();
+    let mut b = [0u8; 1];
+    let mut rtts = Vec::new();
+    for i in 0..n {
+        let t = Instant::now();
+        s.write_all(&[i]).await.unwrap();
+        s.read_exact(&mut b).await.unwrap();
+        assert_eq!(b[0], i, "the echo came back out of order");
+        rtts.push(t.elapsed());
+    }
+    rtts
 }
 
 /// The delay is what was asked for, not rounded up to tokio's millisecond
@@ -65,16 +73,7 @@ async fn a_sub_millisecond_delay_is_kept_to_within_a_fraction() {
         ..Shape::default()
     })
     .await;
-    let mut s = TcpStream::connect(&addr).await.unwrap();
-    s.set_nodelay(true).unwrap();
-    let mut b = [0u8; 1];
-    let mut rtts = Vec::new();
-    for i in 0..21u8 {
-        let t = Instant::now();
-        s.write_all(&[i]).await.unwrap();
-        s.read_exact(&mut b).await.unwrap();
-        rtts.push(t.elapsed());
-    }
+    let mut rtts = ping_times(&addr, 21).await;
     rtts.sort();
     let median = rtts[rtts.len() / 2];
     assert!(
