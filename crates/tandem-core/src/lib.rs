@@ -713,6 +713,16 @@ pub struct Core {
     /// The peer's state report on this link (after WFReportParams).
     peer: Option<Report>,
     reqs: BTreeMap<ReqId, Request>,
+    /// Client writes on their way to the local disk (AL or LOCAL pending),
+    /// as (start, request) -> end. Requests stay in `reqs` until their
+    /// epoch's barrier ack, thousands of them at 30k writes/s, so the
+    /// overlap test a new write needs must not scan `reqs`. The live
+    /// entries never overlap each other (a write starts only when none
+    /// overlaps it), which makes the one with the greatest start below a
+    /// range's end the only candidate. Entries are dropped when the local
+    /// write finishes or the request goes; one that outlived its request
+    /// by another path is dropped when a lookup meets it.
+    writing: BTreeMap<(u64, ReqId), u64>,
     /// Writes waiting to start, in arrival order.
     waiting: VecDeque<ReqId>,
     /// Transfer log: seq -> request, until the peer wrote it.
@@ -771,6 +781,7 @@ impl Core {
             link: None,
             peer: None,
             reqs: BTreeMap::new(),
+            writing: BTreeMap::new(),
             waiting: VecDeque::new(),
             tl: BTreeMap::new(),
             epoch: 1,
@@ -1200,13 +1211,7 @@ impl Core {
             if self.tl.len() >= MAX_TRANSFER_LOG {
                 return;
             }
-            let conflict = self.reqs.iter().any(|(&id, r)| {
-                id != req
-                    && r.started
-                    && r.pending & (LOCAL | AL) != 0
-                    && r.range()
-                        .is_some_and(|o| o.start < range.end && range.start < o.end)
-            });
+            let conflict = self.overlaps_local_write(&range);
             // After a promotion the old Primary's writes may still be
             // running or queued here; a newer client write must land after.
             let overlaps = |o: &Range<u64>| o.start < range.end && range.start < o.end;
@@ -1229,8 +1234,36 @@ impl Core {
                 r.started = true;
                 r.pending = AL | LOCAL;
                 r.completion = AL | LOCAL;
+                self.writing.insert((range.start, req), range.end);
             }
             out.push(Action::AlBegin { req, range });
+        }
+    }
+
+    /// Whether a started client write still on its way to the local disk
+    /// overlaps `range`.
+    fn overlaps_local_write(&mut self, range: &Range<u64>) -> bool {
+        loop {
+            let Some((&(start, id), &end)) =
+                self.writing.range(..(range.end, ReqId::MIN)).next_back()
+            else {
+                return false;
+            };
+            let live = self
+                .reqs
+                .get(&id)
+                .is_some_and(|r| r.started && r.pending & (LOCAL | AL) != 0);
+            if live {
+                return end > range.start;
+            }
+            self.writing.remove(&(start, id));
+        }
+    }
+
+    /// `req` no longer writes locally (done, failed or gone).
+    fn left_disk(&mut self, req: ReqId, range: Option<Range<u64>>) {
+        if let Some(range) = range {
+            self.writing.remove(&(range.start, req));
         }
     }
 
@@ -1371,6 +1404,11 @@ impl Core {
                     return;
                 };
                 r.pending &= !LOCAL;
+                let range = r.range();
+                self.left_disk(req, range);
+                let Some(r) = self.reqs.get_mut(&req) else {
+                    return;
+                };
                 if !ok {
                     r.failed = true;
                     // The peer may have written what this disk could not:
@@ -1495,6 +1533,7 @@ impl Core {
             let started = r.started;
             let seq = r.seq;
             self.reqs.remove(&req);
+            self.left_disk(req, range.clone());
             if let Some(seq) = seq {
                 self.tl.remove(&seq);
             }

@@ -488,6 +488,61 @@ fn overlapping_client_writes_are_serialised() {
     assert_eq!(started, vec![OpId::Client(2), OpId::Client(3)]);
 }
 
+/// The overlap test behind the serialisation above looks only at the
+/// nearest write in flight below a range's end: a long write further down
+/// must still hold back one inside it, neighbours that merely touch must
+/// not, and a write that finished locally (but waits for its barrier ack)
+/// no longer counts.
+#[test]
+fn overlap_with_writes_in_flight_is_exact() {
+    let started = |acts: &[Action]| -> Vec<OpId> {
+        acts.iter()
+            .filter_map(|x| match x {
+                Action::LocalWrite { op, .. } => Some(*op),
+                _ => None,
+            })
+            .collect()
+    };
+    let (mut a, _b) = pair(Protocol::C);
+    // 1: [0, 64 KiB); 2: [128 KiB, 132 KiB); 3: [64 KiB, 68 KiB) touches 1.
+    a.feed(Event::Write {
+        req: 1,
+        offset: 0,
+        len: 64 << 10,
+        kind: WriteKind::Data,
+        fua: false,
+    });
+    a.feed(write(2, 128 << 10));
+    a.feed(write(3, 64 << 10));
+    assert_eq!(
+        started(&a.take_after_al()),
+        vec![OpId::Client(1), OpId::Client(2), OpId::Client(3)]
+    );
+    // 4 lies inside 1, far below 1's end: it waits for 1 alone.
+    a.feed(write(4, 32 << 10));
+    // 5 overlaps nothing in flight.
+    a.feed(write(5, 68 << 10));
+    assert_eq!(
+        started(&a.take_after_al()),
+        vec![],
+        "4 waits, and 5 behind it"
+    );
+    a.feed(Event::LocalDone {
+        op: OpId::Client(2),
+        ok: true,
+    });
+    assert_eq!(started(&a.take_after_al()), vec![], "2 was not in 4's way");
+    a.feed(Event::LocalDone {
+        op: OpId::Client(1),
+        ok: true,
+    });
+    // 1 is still in the transfer log (no write ack yet) but off the disk.
+    assert_eq!(
+        started(&a.take_after_al()),
+        vec![OpId::Client(4), OpId::Client(5)]
+    );
+}
+
 #[test]
 fn role_rules() {
     let (mut a, mut b) = pair(Protocol::C);
