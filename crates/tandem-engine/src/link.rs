@@ -22,9 +22,13 @@ use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{mpsc, watch};
 use tracing::{debug, info, warn};
 
-/// Frames queued for the writer. Bounded: a full queue makes the actor
-/// wait, which is the back pressure a slow link must exert.
-const SEND_QUEUE: usize = 1024;
+/// Batches of frames queued for the writer. Bounded: a full queue makes
+/// the actor wait, which is the back pressure a slow link must exert. The
+/// actor's batches hold at most [`BATCH_FRAMES`] frames and about 1 MiB
+/// of payload.
+const SEND_QUEUE: usize = 256;
+/// Frames the actor puts in one batch, and the reader in one event.
+pub const BATCH_FRAMES: usize = 64;
 /// The writer gathers up to this many bytes of queued frames per syscall.
 const WRITE_BATCH: usize = 1 << 20;
 /// A handshake must finish within this time.
@@ -64,8 +68,10 @@ pub enum LinkEvent {
     Up {
         /// Link number.
         id: u64,
-        /// The writer's queue.
-        tx: mpsc::Sender<Message>,
+        /// The writer's queue, one batch of frames per item (the actor
+        /// gathers what one wake-up produced, so the writer makes one
+        /// write call for it instead of waking per frame).
+        tx: mpsc::Sender<Vec<Message>>,
     },
     /// The link is gone.
     Down {
@@ -76,12 +82,12 @@ pub enum LinkEvent {
         /// Log line.
         reason: String,
     },
-    /// A frame arrived.
-    Message {
+    /// Frames arrived: those one read brought in, in order.
+    Messages {
         /// Link number.
         id: u64,
-        /// The frame.
-        msg: Message,
+        /// The frames (at most [`BATCH_FRAMES`]).
+        msgs: Vec<Message>,
     },
 }
 
@@ -255,7 +261,7 @@ async fn establish<T: From<LinkEvent> + Send + 'static>(
     }
     let id = sh.next_id.fetch_add(1, Ordering::Relaxed);
     info!("link {id} to {} authenticated ({how})", sh.s.peer);
-    let (tx, mut rx) = mpsc::channel::<Message>(SEND_QUEUE);
+    let (tx, mut rx) = mpsc::channel::<Vec<Message>>(SEND_QUEUE);
     if sh
         .events
         .send(T::from(LinkEvent::Up { id, tx: tx.clone() }))
@@ -271,31 +277,37 @@ async fn establish<T: From<LinkEvent> + Send + 'static>(
         // it is not copied once more in user space.
         let mut next = rx.recv().await;
         while let Some(first) = next.take() {
-            let mut msg = first;
-            let closing = loop {
-                let closing = matches!(msg, Message::Disconnect { .. });
-                let big = msg.payload().filter(|d| d.len() > 64 * 1024).cloned();
-                match big {
-                    Some(payload) => {
-                        tandem_wire::encode_head(&msg, &mut buf);
-                        if let Err(e) = w.write_all(&buf).await {
-                            return format!("send failed: {e}");
+            let mut batch = first;
+            let mut closing = false;
+            'gather: loop {
+                for msg in batch.drain(..) {
+                    closing = matches!(msg, Message::Disconnect { .. });
+                    let big = msg.payload().filter(|d| d.len() > 64 * 1024).cloned();
+                    match big {
+                        Some(payload) => {
+                            tandem_wire::encode_head(&msg, &mut buf);
+                            if let Err(e) = w.write_all(&buf).await {
+                                return format!("send failed: {e}");
+                            }
+                            buf.clear();
+                            if let Err(e) = w.write_all(&payload).await {
+                                return format!("send failed: {e}");
+                            }
                         }
-                        buf.clear();
-                        if let Err(e) = w.write_all(&payload).await {
-                            return format!("send failed: {e}");
-                        }
+                        None => tandem_wire::encode(&msg, &mut buf),
                     }
-                    None => tandem_wire::encode(&msg, &mut buf),
+                    if closing {
+                        break 'gather;
+                    }
                 }
-                if closing || buf.len() >= WRITE_BATCH {
-                    break closing;
+                if buf.len() >= WRITE_BATCH {
+                    break;
                 }
                 match rx.try_recv() {
-                    Ok(m) => msg = m,
-                    Err(_) => break false,
+                    Ok(more) => batch = more,
+                    Err(_) => break,
                 }
-            };
+            }
             if !buf.is_empty() {
                 if let Err(e) = w.write_all(&buf).await {
                     return format!("send failed: {e}");
@@ -323,7 +335,7 @@ async fn read_loop<T: From<LinkEvent> + Send + 'static>(
     sh: &Shared<T>,
     id: u64,
     reader: &mut FrameReader<tokio::net::tcp::OwnedReadHalf>,
-    tx: &mpsc::Sender<Message>,
+    tx: &mpsc::Sender<Vec<Message>>,
 ) -> (ConnState, String) {
     let mut ping = tokio::time::interval(sh.s.ping_int);
     ping.tick().await;
@@ -336,29 +348,54 @@ async fn read_loop<T: From<LinkEvent> + Send + 'static>(
             }
         };
         tokio::select! {
-            m = reader.next() => match m {
-                Ok(Some(Message::Ping)) => {
-                    let _ = tx.try_send(Message::PingAck);
-                }
-                Ok(Some(Message::PingAck)) => {
-                    deadline = None;
-                    // The actor's `timeout` counts from the last sign of
-                    // life; a peer busy flushing still answers pings.
-                    let _ = sh.events.try_send(T::from(LinkEvent::Message { id, msg: Message::PingAck }));
-                }
-                Ok(Some(msg)) => {
-                    // Any frame proves the peer alive.
-                    deadline = None;
-                    let closing = matches!(msg, Message::Disconnect { .. });
-                    if sh.events.send(T::from(LinkEvent::Message { id, msg })).await.is_err() || closing {
-                        return (ConnState::Unconnected, "peer said goodbye".into());
+            m = reader.next() => {
+                let first = match m {
+                    Ok(Some(msg)) => msg,
+                    Ok(None) => return (ConnState::BrokenPipe, "the peer closed the connection".into()),
+                    Err(e) => return (ConnState::ProtocolError, format!("receive failed: {e}")),
+                };
+                // Any frame proves the peer alive.
+                deadline = None;
+                // Every frame the same read brought in goes to the actor in
+                // one event: one wake-up for many acks or writes.
+                let mut msgs = Vec::new();
+                let mut next = Some(first);
+                let mut closing = false;
+                while let Some(msg) = next.take() {
+                    match msg {
+                        Message::Ping => {
+                            let _ = tx.try_send(vec![Message::PingAck]);
+                        }
+                        msg => {
+                            closing = matches!(msg, Message::Disconnect { .. });
+                            msgs.push(msg);
+                        }
+                    }
+                    if closing || msgs.len() >= BATCH_FRAMES {
+                        break;
+                    }
+                    match reader.next_buffered() {
+                        Ok(m) => next = m,
+                        Err(e) => return (ConnState::ProtocolError, format!("receive failed: {e}")),
                     }
                 }
-                Ok(None) => return (ConnState::BrokenPipe, "the peer closed the connection".into()),
-                Err(e) => return (ConnState::ProtocolError, format!("receive failed: {e}")),
+                if msgs.is_empty() {
+                    continue;
+                }
+                // A ping ack alone must not wait behind a full queue: the
+                // actor's `timeout` counts from the last sign of life, and a
+                // peer busy flushing still answers pings.
+                let only_ping_ack = msgs.len() == 1 && matches!(msgs[0], Message::PingAck);
+                if only_ping_ack {
+                    let _ = sh.events.try_send(T::from(LinkEvent::Messages { id, msgs }));
+                    continue;
+                }
+                if sh.events.send(T::from(LinkEvent::Messages { id, msgs })).await.is_err() || closing {
+                    return (ConnState::Unconnected, "peer said goodbye".into());
+                }
             },
             _ = ping.tick() => {
-                if deadline.is_none() && tx.try_send(Message::Ping).is_ok() {
+                if deadline.is_none() && tx.try_send(vec![Message::Ping]).is_ok() {
                     deadline = Some(tokio::time::Instant::now() + sh.s.ping_timeout);
                 }
             }
@@ -438,7 +475,7 @@ mod tests {
                         downs[i] += 1;
                         eprintln!("round {round}: node {i} lost a link: {reason}");
                     }
-                    LinkEvent::Message { .. } => {}
+                    LinkEvent::Messages { .. } => {}
                 }
             }
             let _ = stop_tx.send(true);

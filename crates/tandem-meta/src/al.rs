@@ -361,6 +361,12 @@ impl ActivityLog {
         v
     }
 
+    /// Whether extent `e` is in the table (a write there needs no
+    /// transaction).
+    pub fn is_active(&self, e: u32) -> bool {
+        self.index.contains_key(&e)
+    }
+
     /// Writes in flight in extent `e`.
     pub fn in_flight(&self, e: u32) -> u32 {
         self.index.get(&e).map_or(0, |&s| self.refs[s])

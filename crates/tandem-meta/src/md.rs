@@ -326,6 +326,12 @@ impl<I: MetaIo> Metadata<I> {
         &self.al
     }
 
+    /// Whether every extent of `bytes` is already active, so that
+    /// [`Metadata::begin_io`] will not write (or wait for) the disk.
+    pub fn is_hot(&self, bytes: &Range<u64>) -> bool {
+        extents_of(bytes).into_iter().all(|e| self.al.is_active(e))
+    }
+
     /// Make the extents of `bytes` active before writing there. `Ok(false)`
     /// means every AL slot is busy: retry after some writes complete. A
     /// request may span at most [`al::AL_UPDATES_PER_TX`] extents (larger

@@ -69,6 +69,13 @@ impl<R: AsyncRead + Unpin> FrameReader<R> {
         }
     }
 
+    /// The next message if it is already whole in the buffer, without
+    /// reading: lets a caller hand on every frame one read brought in as
+    /// one batch.
+    pub fn next_buffered(&mut self) -> Result<Option<Message>, WireError> {
+        decode(&mut self.buf)
+    }
+
     /// The underlying stream. Bytes already read but not yet decoded are
     /// lost, so call this only between conversations (e.g. after EOF).
     pub fn into_inner(self) -> R {
