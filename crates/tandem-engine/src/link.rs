@@ -228,6 +228,12 @@ async fn establish<T: From<LinkEvent> + Send + 'static>(
     .await
     {
         Ok(Ok(())) => {}
+        Ok(Err(e)) if outgoing && e.is_unanswered() => {
+            // The peer is not up yet behind whatever accepted the connect:
+            // as routine as a refused connect, logged the same way.
+            debug!("connection {how}: {e}");
+            return;
+        }
         Ok(Err(e)) => {
             sh.note(format!("connection {how}: {e}"));
             return;

@@ -94,6 +94,21 @@ pub enum HandshakeError {
     /// The peer closed the connection during the handshake.
     #[error("peer closed the connection during the handshake")]
     Closed,
+    /// The connection was closed or reset before any frame came back: no
+    /// tandem answered on it (a proxy or load balancer in front of a peer
+    /// that is not listening yet behaves this way). Like a refused connect,
+    /// this is routine while the peer is down.
+    #[error("the connection was closed before the peer said hello")]
+    Unanswered,
+}
+
+impl HandshakeError {
+    /// Whether this only says that no peer answered (see
+    /// [`HandshakeError::Unanswered`]), as opposed to a peer that answered
+    /// and was refused or misbehaved.
+    pub fn is_unanswered(&self) -> bool {
+        matches!(self, HandshakeError::Unanswered)
+    }
 }
 
 /// `s` with control characters escaped, for putting text that came from
@@ -146,7 +161,7 @@ where
     R: AsyncRead + Unpin,
     W: AsyncWrite + Unpin,
 {
-    write_message(
+    let sent = write_message(
         w,
         &Message::Hello {
             version: PROTOCOL_VERSION,
@@ -154,8 +169,17 @@ where
             node: cfg.me.to_owned(),
         },
     )
-    .await?;
-    let (version, resource, node) = match recv(r, cfg).await? {
+    .await;
+    // Read even when our hello could not go out: whether the peer said
+    // anything before hanging up tells a refused-like "nobody there" from
+    // a peer that answered and left.
+    let first = match (recv(r, cfg).await, sent) {
+        (Ok(m), Ok(())) => m,
+        (Ok(_), Err(e)) => return Err(e.into()),
+        (Err(e), _) if closed_silently(&e) => return Err(HandshakeError::Unanswered),
+        (Err(e), _) => return Err(e),
+    };
+    let (version, resource, node) = match first {
         Message::Hello {
             version,
             resource,
@@ -268,6 +292,20 @@ async fn recv<R: AsyncRead + Unpin>(
             reason: printable(&reason).into_owned(),
         }),
         Some(msg) => Ok(msg),
+    }
+}
+
+/// The connection ended (closed or reset) without a frame from the peer.
+fn closed_silently(e: &HandshakeError) -> bool {
+    match e {
+        HandshakeError::Closed => true,
+        HandshakeError::Wire(WireError::Io(e)) => matches!(
+            e.kind(),
+            std::io::ErrorKind::ConnectionReset
+                | std::io::ErrorKind::BrokenPipe
+                | std::io::ErrorKind::UnexpectedEof
+        ),
+        _ => false,
     }
 }
 
@@ -604,14 +642,25 @@ mod tests {
         let err = handshake(&mut ar, &mut aw, &cfg("r0", "alpha", "beta", b"s"))
             .await
             .unwrap_err();
-        // Our Hello may fail to send (broken pipe) or the read sees EOF.
-        assert!(
-            matches!(
-                err,
-                HandshakeError::Closed | HandshakeError::Wire(WireError::Io(_))
-            ),
-            "{err}"
-        );
+        // Our Hello may fail to send (broken pipe) or the read sees EOF:
+        // either way nothing answered, which the link logs as routine.
+        assert!(matches!(err, HandshakeError::Unanswered), "{err}");
+        assert!(err.is_unanswered());
+
+        // A peer that said hello and then hung up did answer: that stays an
+        // error worth a warning.
+        let ((mut ar, mut aw), (br, mut bw)) = pair();
+        let hello = Message::Hello {
+            version: PROTOCOL_VERSION,
+            resource: "r0".into(),
+            node: "beta".into(),
+        };
+        write_message(&mut bw, &hello).await.unwrap();
+        drop((br, bw));
+        let err = handshake(&mut ar, &mut aw, &cfg("r0", "alpha", "beta", b"s"))
+            .await
+            .unwrap_err();
+        assert!(!err.is_unanswered(), "{err}");
     }
 
     #[test]
