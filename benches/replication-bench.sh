@@ -628,7 +628,7 @@ cmdline="benches/replication-bench.sh --protocols $protocols --rtts $rtts --base
   printf 'link delay\tRTT 0: the nodes connect directly; RTT R ms: each node reaches its peer through its own `tandem-netem --delay R/2 --buffer 64MiB`, so each direction of the link is delayed by R/2\n'
   printf 'pair set-up per cell\t`create-md r0 --force` on both, start both, wait Connected, `new-current-uuid r0 --clear-bitmap`, wait UpToDate/UpToDate, `primary r0` on alpha; afterwards `down r0 --force` on both\n'
   printf 'pair configuration\t`protocol` (A, B or C), `net.shared-secret`, `net.connect-int = "1s"`; every other key at its default\n'
-  printf 'backing files\t3 × %s MiB (serve, alpha, beta) on %s in %s: one written from /dev/urandom and fsynced, copied to the other two, so every block is allocated in all three; read through the page cache\n' \
+  printf 'backing files\t3 × %s MiB (serve, alpha, beta) on %s in %s: one written from /dev/urandom and fsynced, copied to the other two, so every block is allocated in all three; each cell starts with the files written back and dropped from the page cache (the rows write whole 4 KiB blocks, so nothing is read from the disk), and writes go through the page cache\n' \
     "$size_mib" "$(df --output=fstype "$work" | tail -n 1 | tr -d ' ')" "$work"
   printf 'fio job\tioengine=nbd, numjobs=1 (one NBD connection), time_based, runtime=%ss, ramp_time=%ss, norandommap, fixed randseed, size=the pair'"'"'s data size rounded down to 1 MiB (the same offsets for every server)\n' "$runtime" "$ramp"
   printf 'rounds\t%s (server order rotated every row and round; one server running at a time)\n' "$rounds"
@@ -746,11 +746,11 @@ for ((ri = 0; ri < ${#rows[@]}; ri++)); do
           ;;
       esac
       # Flush dirty pages from the previous cell (and the set-up) so that
-      # their writeback is not charged to this cell, and pull the backing
-      # files back into the page cache: memory reclaim (this VM runs DAMON's
-      # proactive pageout) evicts them between cells.
+      # their writeback is not charged to this cell, and start every cell
+      # with the backing files out of the page cache (see evict_cache; the
+      # rows only write whole blocks, so nothing is read from the disk).
       sync
-      cat "${files[@]}" >/dev/null
+      evict_cache "${files[@]}"
       status=ok
       note=""
       if ! fio --name="$id" "${target[@]}" \
