@@ -103,12 +103,20 @@ fn blocks_out(bytes: &Range<u64>) -> Range<u64> {
 
 /// Extents touched by a byte range.
 fn extents_of(bytes: &Range<u64>) -> Vec<u32> {
-    if bytes.is_empty() {
-        return Vec::new();
-    }
-    let first = bytes.start / AL_EXTENT_SIZE;
-    let last = (bytes.end - 1) / AL_EXTENT_SIZE;
-    (first..=last).map(|e| e as u32).collect()
+    extent_iter(bytes).collect()
+}
+
+/// The same, without collecting (asked on every write).
+fn extent_iter(bytes: &Range<u64>) -> impl Iterator<Item = u32> {
+    let (first, last) = if bytes.is_empty() {
+        (1, 0)
+    } else {
+        (
+            bytes.start / AL_EXTENT_SIZE,
+            (bytes.end - 1) / AL_EXTENT_SIZE,
+        )
+    };
+    (first..=last).map(|e| e as u32)
 }
 
 fn extent_blocks(e: u32) -> Range<u64> {
@@ -329,7 +337,7 @@ impl<I: MetaIo> Metadata<I> {
     /// Whether every extent of `bytes` is already active, so that
     /// [`Metadata::begin_io`] will not write (or wait for) the disk.
     pub fn is_hot(&self, bytes: &Range<u64>) -> bool {
-        extents_of(bytes).into_iter().all(|e| self.al.is_active(e))
+        extent_iter(bytes).all(|e| self.al.is_active(e))
     }
 
     /// Make the extents of `bytes` active before writing there. `Ok(false)`

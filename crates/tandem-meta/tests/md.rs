@@ -169,3 +169,23 @@ fn external_metadata_round_trip() {
         .to_string()
         .contains("meta-disk is too small"));
 }
+
+/// `is_hot` says whether `begin_io` would need a transaction: the engine
+/// runs only those off its worker.
+#[test]
+fn is_hot_matches_whether_a_transaction_is_needed() {
+    let (disk, _) = fresh(64 * MIB, 7);
+    let (mut md, _) = Metadata::open(disk, Placement::Internal).unwrap();
+    let range = 5 * MIB..5 * MIB + 512;
+    assert!(!md.is_hot(&range), "a cold extent needs a transaction");
+    let seq = md.activity_log().seq();
+    assert!(md.begin_io(range.clone()).unwrap());
+    assert_eq!(md.activity_log().seq(), seq + 1);
+    assert!(md.is_hot(&range));
+    // Spanning into the next, cold extent is not hot.
+    assert!(!md.is_hot(&(5 * MIB..8 * MIB + 1)));
+    assert!(md.is_hot(&(4 * MIB..8 * MIB)), "exactly the hot extent");
+    assert!(md.begin_io(4 * MIB..8 * MIB).unwrap());
+    assert_eq!(md.activity_log().seq(), seq + 1, "no transaction when hot");
+    assert!(md.is_hot(&(0..0)), "an empty range touches nothing");
+}
