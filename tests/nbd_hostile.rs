@@ -223,9 +223,13 @@ fn concurrent_hostile_clients_do_not_disturb_each_other() {
         let fx = &fx;
         let handles: Vec<_> = cases
             .iter()
-            .map(|case| {
+            .enumerate()
+            .map(|(region, case)| {
                 s.spawn(move || {
-                    let (ok, report) = run_case(fx, case, &[]);
+                    // Disjoint regions: each scenario reads back only its
+                    // own writes.
+                    let extra = ["--region".to_string(), region.to_string()];
+                    let (ok, report) = run_case(fx, case, &extra);
                     (case.to_string(), ok, report)
                 })
             })

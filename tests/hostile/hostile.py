@@ -130,8 +130,17 @@ def done(h):
     h.shutdown()
 
 
+# Where this run's writes go that it reads back. Scenarios that run at once
+# against one server get disjoint regions (`--region`), or one's write would
+# land between another's write and its read-back.
+REGION = 0
+REGION_SIZE = 4 * MIB
+
+
 def usable(ck, h, what, offset=0, seed=99):
-    """The connection still serves a write + read round trip."""
+    """The connection still serves a write + read round trip at `offset`
+    within this run's region."""
+    offset += REGION
     if h.is_read_only():
         ok, _ = ck.expect_ok("%s: then a READ on the same connection" % what, lambda: h.pread(4096, offset))
         return ok
@@ -144,7 +153,9 @@ def usable(ck, h, what, offset=0, seed=99):
 
 
 def raw_usable(ck, c, what, offset=8192, seed=7):
-    """A raw connection still serves a write + read round trip."""
+    """A raw connection still serves a write + read round trip at `offset`
+    within this run's region."""
+    offset += REGION
     data = pattern(4096, seed)
     try:
         r = c.command(CMD_WRITE, offset, len(data), cookie=0xAA01, payload=data)
@@ -166,7 +177,9 @@ def case_healthy(args, ck):
     h = connect(args.uri)
     size = h.get_size()
     ro = h.is_read_only()
-    for i, off in enumerate([0, size // 2 + 512, size - 65536]):
+    # The first write is in this run's region; the other two are where no
+    # scenario writes, so concurrent runs only ever read them back as written.
+    for i, off in enumerate([REGION, size // 2 + 512, size - 65536]):
         if ro:
             ck.expect_ok("READ at %d" % off, lambda: h.pread(65536, off))
             continue
@@ -628,10 +641,11 @@ def case_mid_payload(args, ck):
         for what, length, sent, half_close in scenarios:
             c = nbdraw.Client(args.addr, timeout=30).handshake(structured=structured)
             marker = pattern(4096, 31 + sent)
+            at = REGION + 2 * MIB
             try:
-                r = c.command(CMD_WRITE, 2 * MIB, 4096, cookie=0x800, payload=marker)
+                r = c.command(CMD_WRITE, at, 4096, cookie=0x800, payload=marker)
                 ck.raw_expect("%s: WRITE before %s" % (mode, what), r, 0)
-                c.send(c.request_header(CMD_WRITE, 2 * MIB, length, cookie=0x801) + b"\x66" * sent)
+                c.send(c.request_header(CMD_WRITE, at, length, cookie=0x801) + b"\x66" * sent)
                 if half_close:
                     c.sock.shutdown(socket.SHUT_WR)
                     expect_closed(ck, c, "%s: %s" % (mode, what))
@@ -643,7 +657,7 @@ def case_mid_payload(args, ck):
             by.step("after %s (%s)" % (what, mode))
             # The truncated write was not applied.
             h = connect(args.uri)
-            ok, got = ck.expect_ok("%s: READ after %s" % (mode, what), lambda: h.pread(4096, 2 * MIB))
+            ok, got = ck.expect_ok("%s: READ after %s" % (mode, what), lambda: h.pread(4096, at))
             if ok:
                 ck.check(got == marker, "%s: data after %s" % (mode, what),
                          "the earlier complete WRITE", "changed by the truncated WRITE")
@@ -868,7 +882,11 @@ def main():
     p.add_argument("--uri", required=True)
     p.add_argument("--pid", type=int)
     p.add_argument("--file")
+    p.add_argument("--region", type=int, default=0,
+                   help="index of the %d MiB region this run writes to (for runs at once)" % (REGION_SIZE // MIB))
     args = p.parse_args()
+    global REGION
+    REGION = args.region * REGION_SIZE
     if nbd is None:
         print("FAIL: python3-libnbd is not importable by %s" % sys.executable, flush=True)
         sys.exit(3)
