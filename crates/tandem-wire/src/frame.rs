@@ -528,6 +528,48 @@ pub fn decode(buf: &mut BytesMut) -> Result<Option<Message>, WireError> {
     Ok(Some(msg))
 }
 
+/// If `buf` starts with a `Data` frame (without a checksum) or an `RsData`
+/// frame whose payload is at least `min` bytes and not yet all buffered,
+/// take everything buffered of it: the message (its `data` holding the
+/// payload bytes that arrived so far) and how many payload bytes are still
+/// in the stream. Lets a receiver move the rest of a large payload from the
+/// socket without copying it through user space.
+///
+/// Only called while the buffer holds less than one whole frame, so
+/// everything in it belongs to this frame.
+pub(crate) fn decode_bulk_head(
+    buf: &mut BytesMut,
+    min: usize,
+) -> Result<Option<(Message, usize)>, WireError> {
+    let Some(h) = parse_header(buf)? else {
+        return Ok(None);
+    };
+    let fixed = match h.kind {
+        kind::DATA => DATA_FIXED,
+        kind::RS_DATA => RS_DATA_FIXED,
+        _ => return Ok(None),
+    };
+    let total = HEADER_LEN + h.body;
+    if h.body < fixed || h.body - fixed < min || buf.len() < HEADER_LEN + fixed || buf.len() >= total
+    {
+        return Ok(None);
+    }
+    // A checksummed payload must pass through user space to be verified.
+    const HAS_CRC: usize = HEADER_LEN + 8 + 8 + 8 + 1;
+    if h.kind == kind::DATA && buf[HAS_CRC] != 0 {
+        return Ok(None);
+    }
+    let rest = total - buf.len();
+    let mut frame = buf.split();
+    frame.advance(HEADER_LEN);
+    let mut body = Body {
+        msg: h.name,
+        buf: frame.freeze(),
+    };
+    let msg = decode_body(h.kind, &mut body)?;
+    Ok(Some((msg, rest)))
+}
+
 /// Cursor over a frame body; every read checks the remaining length first,
 /// so malformed input becomes an error, never a panic.
 struct Body {

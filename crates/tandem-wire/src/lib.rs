@@ -17,7 +17,7 @@ mod stream;
 pub use auth::{auth_mac, auth_verify, keep_outgoing, new_nonce};
 pub use frame::{data_crc, decode, encode, encode_head, HEADER_LEN, MAGIC, MAX_BODY, MAX_STRING};
 pub use handshake::{handshake, printable, HandshakeConfig, HandshakeError};
-pub use stream::{write_message, FrameReader};
+pub use stream::{write_message, Frame, FrameReader};
 
 /// Version of this protocol. A node refuses a peer whose `Hello` carries a
 /// different version: mixing versions is never silently attempted.

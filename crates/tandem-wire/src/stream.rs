@@ -1,6 +1,6 @@
 //! Framing over tokio streams: a bounded frame reader and a frame writer.
 
-use crate::frame::{decode, encode, encode_head, frame_len, HEADER_LEN};
+use crate::frame::{decode, decode_bulk_head, encode, encode_head, frame_len, HEADER_LEN};
 use crate::{Message, WireError, MAX_DATA};
 use bytes::{BufMut, BytesMut};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
@@ -14,6 +14,21 @@ const READ_CHUNK: usize = 64 * 1024;
 /// goes out in one write; larger ones are written from their own buffer,
 /// since copying megabytes costs more than a second write call.
 const COPY_LIMIT: usize = 64 * 1024;
+
+/// What [`FrameReader::next_frame`] returns.
+#[derive(Debug)]
+pub enum Frame {
+    /// A whole message.
+    Whole(Message),
+    /// A `Data` or `RsData` message whose `data` holds only the payload
+    /// bytes already read; `rest` more follow in the stream.
+    Bulk {
+        /// The message with the first part of its payload.
+        head: Message,
+        /// Payload bytes still in the stream.
+        rest: usize,
+    },
+}
 
 /// Reads whole frames from a stream.
 ///
@@ -47,26 +62,65 @@ impl<R: AsyncRead + Unpin> FrameReader<R> {
             if let Some(msg) = decode(&mut self.buf)? {
                 return Ok(Some(msg));
             }
-            // decode() consumed nothing, so the buffer holds part of one
-            // frame. Read at most up to the end of that frame, or a chunk
-            // when that is more: this is what keeps the buffer bounded.
-            let frame_end = frame_len(&self.buf)?.unwrap_or(HEADER_LEN);
-            let want = frame_end.max(READ_CHUNK).saturating_sub(self.buf.len());
-            self.buf.reserve(want);
-            let n = self
-                .inner
-                .read_buf(&mut (&mut self.buf).limit(want))
-                .await?;
-            if n == 0 {
-                return if self.buf.is_empty() {
-                    Ok(None)
-                } else {
-                    Err(WireError::ClosedMidFrame {
-                        buffered: self.buf.len(),
-                    })
-                };
+            if !self.fill().await? {
+                return Ok(None);
             }
         }
+    }
+
+    /// One read towards the frame at the front of the buffer (decoding
+    /// found none whole, so the buffer holds part of one frame); false at a
+    /// clean end of stream between frames. Reads at most up to the end of
+    /// that frame, or a chunk when that is more: this is what keeps the
+    /// buffer bounded. Cancel-safe: one read.
+    async fn fill(&mut self) -> Result<bool, WireError> {
+        let frame_end = frame_len(&self.buf)?.unwrap_or(HEADER_LEN);
+        let want = frame_end.max(READ_CHUNK).saturating_sub(self.buf.len());
+        self.buf.reserve(want);
+        let n = self
+            .inner
+            .read_buf(&mut (&mut self.buf).limit(want))
+            .await?;
+        if n == 0 {
+            return if self.buf.is_empty() {
+                Ok(false)
+            } else {
+                Err(WireError::ClosedMidFrame {
+                    buffered: self.buf.len(),
+                })
+            };
+        }
+        Ok(true)
+    }
+
+    /// Like [`FrameReader::next`], but a `Data` (without checksum) or
+    /// `RsData` frame with a payload of at least `bulk_min` bytes comes back
+    /// as [`Frame::Bulk`] as soon as its fixed fields are in: the caller
+    /// then takes the rest of the payload from the stream itself (with
+    /// `splice`, say), and must take exactly that many bytes before the
+    /// next call. Cancel-safe like `next`.
+    pub async fn next_frame(&mut self, bulk_min: usize) -> Result<Option<Frame>, WireError> {
+        loop {
+            if let Some(msg) = decode(&mut self.buf)? {
+                return Ok(Some(Frame::Whole(msg)));
+            }
+            if let Some((head, rest)) = decode_bulk_head(&mut self.buf, bulk_min)? {
+                return Ok(Some(Frame::Bulk { head, rest }));
+            }
+            if !self.fill().await? {
+                return Ok(None);
+            }
+        }
+    }
+
+    /// The stream, for taking a bulk payload's rest ([`Frame::Bulk`]).
+    pub fn get_ref(&self) -> &R {
+        &self.inner
+    }
+
+    /// The stream, for taking a bulk payload's rest ([`Frame::Bulk`]).
+    pub fn get_mut(&mut self) -> &mut R {
+        &mut self.inner
     }
 
     /// The next message if it is already whole in the buffer, without
@@ -120,6 +174,77 @@ mod tests {
     use super::*;
     use crate::frame::{data_crc, MAGIC};
     use bytes::Bytes;
+
+    /// Large payloads without a checksum stop at their head; the caller
+    /// reads the rest itself and the stream stays in step. Checksummed and
+    /// small payloads come whole.
+    #[tokio::test]
+    async fn bulk_frames_stop_after_their_head_and_the_stream_stays_in_step() {
+        let (mut a, b) = tokio::io::duplex(8192);
+        let big: Bytes = (0..300_000u32).map(|i| (i % 251) as u8).collect();
+        let msgs = vec![
+            Message::Data {
+                seq: 1,
+                epoch: 1,
+                offset: 4096,
+                fua: true,
+                crc: None,
+                data: big.clone(),
+            },
+            Message::Data {
+                seq: 2,
+                epoch: 1,
+                offset: 0,
+                fua: false,
+                crc: Some(data_crc(&big)),
+                data: big.clone(),
+            },
+            Message::RsData {
+                id: 7,
+                offset: 1 << 20,
+                data: big.clone(),
+            },
+            Message::RsData {
+                id: 8,
+                offset: 0,
+                data: Bytes::from_static(b"small"),
+            },
+            Message::Ping,
+        ];
+        let sent = msgs.clone();
+        let writer = tokio::spawn(async move {
+            for m in &sent {
+                write_message(&mut a, m).await.unwrap();
+            }
+        });
+        let mut r = FrameReader::new(b);
+        let mut got = Vec::new();
+        while let Some(f) = r.next_frame(64 * 1024).await.unwrap() {
+            match f {
+                Frame::Whole(m) => got.push((m, false)),
+                Frame::Bulk { mut head, rest } => {
+                    assert!(rest > 0 && r.buf.is_empty());
+                    let mut tail = vec![0; rest];
+                    r.get_mut().read_exact(&mut tail).await.unwrap();
+                    match &mut head {
+                        Message::Data { data, .. } | Message::RsData { data, .. } => {
+                            assert_eq!(data.len() + rest, big.len());
+                            let mut all = data.to_vec();
+                            all.extend_from_slice(&tail);
+                            *data = Bytes::from(all);
+                        }
+                        other => panic!("bulk head of {other:?}"),
+                    }
+                    got.push((head, true));
+                }
+            }
+        }
+        writer.await.unwrap();
+        let bulk: Vec<bool> = got.iter().map(|g| g.1).collect();
+        assert_eq!(bulk, [true, false, true, false, false]);
+        let got: Vec<Message> = got.into_iter().map(|g| g.0).collect();
+        assert_eq!(got, msgs);
+    }
 
     #[tokio::test]
     async fn messages_cross_a_stream_and_eof_between_frames_is_clean() {
