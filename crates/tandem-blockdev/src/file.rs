@@ -10,8 +10,10 @@
 use crate::{range_end, AlignedBuf, BlockDevice, BlockSizes, Capabilities, Extent, ZeroFlags};
 use bytes::Bytes;
 use rustix::buffer::spare_capacity;
+use rustix::fd::OwnedFd;
 use rustix::fs::{Advice, FallocateFlags, SeekFrom};
 use rustix::io::{Errno, ReadWriteFlags};
+use rustix::pipe::SpliceFlags;
 use std::fs::{File, OpenOptions};
 use std::io;
 use std::os::unix::fs::{FileTypeExt, OpenOptionsExt};
@@ -321,6 +323,61 @@ impl Inner {
         Ok(())
     }
 
+    /// Write `head`, then the `len` bytes waiting in `pipe`, from `offset`:
+    /// the pipe's pages are copied into the page cache by the kernel, never
+    /// through user space. With O_DIRECT (which `splice` cannot serve with
+    /// arbitrary pages) the pipe is read into memory and written as usual.
+    fn write_piped(
+        &self,
+        offset: u64,
+        head: &[u8],
+        pipe: &OwnedFd,
+        len: usize,
+        fua: bool,
+    ) -> io::Result<()> {
+        let drain = |buf: &mut [u8]| -> io::Result<()> {
+            let mut at = 0;
+            while at < buf.len() {
+                match rustix::io::read(pipe, &mut buf[at..]) {
+                    Ok(0) | Err(Errno::AGAIN) => return Err(pipe_ran_dry(len, at)),
+                    Ok(n) => at += n,
+                    Err(Errno::INTR) => {}
+                    Err(e) => return Err(e.into()),
+                }
+            }
+            Ok(())
+        };
+        if self.direct.is_some() {
+            let mut all = Vec::with_capacity(head.len() + len);
+            all.extend_from_slice(head);
+            all.resize(head.len() + len, 0);
+            drain(&mut all[head.len()..])?;
+            return self.write(offset, &all, fua);
+        }
+        self.write_all(&self.file, head, offset, false)?;
+        let mut at = offset + head.len() as u64;
+        let mut left = len;
+        while left > 0 {
+            match rustix::pipe::splice(
+                pipe,
+                None,
+                &self.file,
+                Some(&mut at),
+                left,
+                SpliceFlags::empty(),
+            ) {
+                Ok(0) | Err(Errno::AGAIN) => return Err(pipe_ran_dry(len, len - left)),
+                Ok(n) => left -= n,
+                Err(Errno::INTR) => {}
+                Err(e) => return Err(e.into()),
+            }
+        }
+        if fua {
+            self.sync()?;
+        }
+        Ok(())
+    }
+
     /// Try one fallocate mode; `Ok(false)` when the file system lacks it
     /// (remembered in `flag`, so later calls skip the syscall).
     fn try_fallocate(
@@ -474,6 +531,31 @@ fn block_device_size(file: &File) -> io::Result<u64> {
     Ok(size)
 }
 
+impl FileDevice {
+    /// Write `head` and then the `len` bytes waiting in `pipe` (which must
+    /// hold at least that many) at `offset`, without copying the pipe's
+    /// bytes through user space.
+    pub async fn write_piped(
+        &self,
+        offset: u64,
+        head: Bytes,
+        pipe: OwnedFd,
+        len: usize,
+        fua: bool,
+    ) -> io::Result<()> {
+        self.writable()?;
+        self.check(offset, (head.len() + len) as u64)?;
+        self.run(false, move |i| {
+            i.write_piped(offset, &head, &pipe, len, fua)
+        })
+        .await
+    }
+}
+
+fn pipe_ran_dry(len: usize, moved: usize) -> io::Error {
+    io::Error::other(format!("payload pipe ran dry after {moved} of {len} bytes"))
+}
+
 impl BlockDevice for FileDevice {
     fn size(&self) -> u64 {
         self.size
@@ -568,6 +650,43 @@ mod tests {
 
     fn open(f: &tempfile::NamedTempFile, opts: FileOptions) -> FileDevice {
         FileDevice::open(f.path(), &opts).unwrap()
+    }
+
+    #[tokio::test]
+    async fn piped_writes_land_byte_for_byte_and_a_short_pipe_is_an_error() {
+        let f = temp_file(8 << 20);
+        for direct in [false, true] {
+            let dev = open(
+                &f,
+                FileOptions {
+                    direct,
+                    ..FileOptions::default()
+                },
+            );
+            let head: Vec<u8> = (0..4096u32).map(|i| (i * 3) as u8).collect();
+            let tail: Vec<u8> = (0..200_000u32).map(|i| (i * 13 + 1) as u8).collect();
+            let (r, w) = rustix::pipe::pipe_with(rustix::pipe::PipeFlags::NONBLOCK).unwrap();
+            rustix::pipe::fcntl_setpipe_size(&w, 256 * 1024).unwrap();
+            let mut at = 0;
+            while at < tail.len() {
+                at += rustix::io::write(&w, &tail[at..]).unwrap();
+            }
+            let offset = 1 << 20;
+            dev.write_piped(offset, Bytes::from(head.clone()), r, tail.len(), direct)
+                .await
+                .unwrap();
+            let got = dev.read(offset, head.len() + tail.len()).await.unwrap();
+            assert!(got[..head.len()] == head[..], "head (direct={direct})");
+            assert!(got[head.len()..] == tail[..], "piped part (direct={direct})");
+            // A pipe holding less than announced fails the write.
+            let (r, w) = rustix::pipe::pipe_with(rustix::pipe::PipeFlags::NONBLOCK).unwrap();
+            rustix::io::write(&w, &[7u8; 1000]).unwrap();
+            let err = dev
+                .write_piped(0, Bytes::new(), r, 8192, false)
+                .await
+                .unwrap_err();
+            assert!(err.to_string().contains("ran dry"), "{err}");
+        }
     }
 
     #[tokio::test]

@@ -122,6 +122,13 @@ struct Replicated {
 /// The local disk, shared between the actor and the NBD frontend.
 type DiskSlot = Arc<std::sync::RwLock<Option<Arc<FileDevice>>>>;
 
+fn payload(data: Bytes, piped: Option<link::Piped>) -> Payload {
+    match piped {
+        Some(p) => Payload::Piped(data, p),
+        None => Payload::Mem(data),
+    }
+}
+
 fn disk_of(slot: &DiskSlot) -> io::Result<Arc<FileDevice>> {
     slot.read()
         .ok()
@@ -717,11 +724,11 @@ struct Actor {
     next_req: ReqId,
     clients: HashMap<ReqId, (ClientPayload, oneshot::Sender<io::Result<()>>)>,
     /// Payloads of received writes, until they are written locally.
-    peer_payloads: HashMap<u64, Bytes>,
+    peer_payloads: HashMap<u64, Payload>,
     /// Resync data read for the peer, by request id, until sent.
     rs_out: HashMap<u64, Bytes>,
     /// Resync data received, by request id, until written.
-    rs_in: HashMap<u64, Bytes>,
+    rs_in: HashMap<u64, Payload>,
     /// The side of the resync running after the last batch.
     sync_side: Option<tandem_core::SyncSide>,
     /// Resync speed: (when, resync bytes moved then) at the last sample,
@@ -762,6 +769,24 @@ struct Actor {
 enum ClientPayload {
     Data(Bytes),
     None,
+}
+
+/// The bytes of a write to do locally.
+enum Payload {
+    /// In memory.
+    Mem(Bytes),
+    /// The first bytes in memory, the rest in a pipe (a large payload from
+    /// the link, see [`link::SPLICE_MIN`]).
+    Piped(Bytes, link::Piped),
+}
+
+impl Payload {
+    fn len(&self) -> usize {
+        match self {
+            Payload::Mem(d) => d.len(),
+            Payload::Piped(head, p) => head.len() + p.len,
+        }
+    }
 }
 
 impl Actor {
@@ -1085,7 +1110,7 @@ impl Actor {
             } => {
                 let data = match (op, kind) {
                     (OpId::Client(req), WriteKind::Data) => match self.clients.get(&req) {
-                        Some((ClientPayload::Data(d), _)) => Some(d.clone()),
+                        Some((ClientPayload::Data(d), _)) => Some(Payload::Mem(d.clone())),
                         _ => None,
                     },
                     (OpId::Peer { seq, .. }, WriteKind::Data) => self.peer_payloads.remove(&seq),
@@ -1101,7 +1126,7 @@ impl Actor {
                 }
                 // Small buffered writes are a copy into the page cache:
                 // cheaper here than a task and two channel hops.
-                if let (WriteKind::Data, Some(d), false) = (kind, &data, fua) {
+                if let (WriteKind::Data, Some(Payload::Mem(d)), false) = (kind, &data, fua) {
                     if d.len() <= INLINE_WRITE_MAX {
                         let r = match disk_of(&self.slot) {
                             Ok(dev) => dev.write(offset, d.clone(), false).await,
@@ -1127,7 +1152,10 @@ impl Actor {
                 tokio::spawn(async move {
                     let r = match kind {
                         WriteKind::Data => match data {
-                            Some(d) => dev.write(offset, d, fua).await,
+                            Some(Payload::Mem(d)) => dev.write(offset, d, fua).await,
+                            Some(Payload::Piped(head, p)) => {
+                                dev.write_piped(offset, head, p.pipe, p.len, fua).await
+                            }
                             None => Err(io::Error::other("no payload")),
                         },
                         // Trim must leave identical bytes on both nodes, so it
@@ -1654,14 +1682,21 @@ impl Actor {
             }
             LinkEvent::Messages { id, msgs } => {
                 for msg in msgs {
-                    self.link_message(id, msg).await;
+                    self.link_message(id, msg, None).await;
                 }
             }
+            LinkEvent::Bulk { id, msg, piped } => self.link_message(id, msg, Some(piped)).await,
         }
     }
 
     /// One frame from link `id` (ignored once that link is gone).
-    async fn link_message(&mut self, id: u64, msg: tandem_wire::Message) {
+    /// `piped`: the rest of a `Data` or `RsData` payload ([`LinkEvent::Bulk`]).
+    async fn link_message(
+        &mut self,
+        id: u64,
+        msg: tandem_wire::Message,
+        piped: Option<link::Piped>,
+    ) {
         if !self.link.as_ref().is_some_and(|l| l.id == id) {
             return;
         }
@@ -1677,8 +1712,9 @@ impl Actor {
                 data,
                 ..
             } => {
-                let len = data.len() as u64;
-                self.peer_payloads.insert(seq, data);
+                let payload = payload(data, piped);
+                let len = payload.len() as u64;
+                self.peer_payloads.insert(seq, payload);
                 Packet::Data {
                     req: 0,
                     seq,
@@ -1749,8 +1785,9 @@ impl Actor {
                 len: len.into(),
             },
             M::RsData { id, offset, data } => {
-                let len = data.len() as u64;
-                self.rs_in.insert(id, data);
+                let payload = payload(data, piped);
+                let len = payload.len() as u64;
+                self.rs_in.insert(id, payload);
                 Packet::RsData { id, offset, len }
             }
             M::RsNegAck { id } => Packet::RsNegAck { id },

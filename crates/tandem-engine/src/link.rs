@@ -12,12 +12,13 @@
 //! attempt half a connect-int late, so crossings are rare to begin with.
 
 use bytes::BytesMut;
+use std::io;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 use tandem_core::ConnState;
-use tandem_wire::{FrameReader, HandshakeConfig, Message};
-use tokio::io::AsyncWriteExt;
+use tandem_wire::{Frame, FrameReader, HandshakeConfig, Message};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{mpsc, watch};
 use tracing::{debug, info, warn};
@@ -89,6 +90,40 @@ pub enum LinkEvent {
         /// The frames (at most [`BATCH_FRAMES`]).
         msgs: Vec<Message>,
     },
+    /// A `Data` or `RsData` frame whose payload did not pass through user
+    /// space: `msg`'s `data` holds its first bytes, `piped` the rest.
+    Bulk {
+        /// Link number.
+        id: u64,
+        /// The frame, with the payload's first part.
+        msg: Message,
+        /// The payload's rest.
+        piped: Piped,
+    },
+}
+
+/// Payloads at least this large are moved from the link socket into a pipe
+/// with `splice` instead of being read: the kernel hands the socket's pages
+/// to the pipe, and the one copy left is the pipe's into the page cache
+/// when the write is done. Below this the syscalls cost more than the copy
+/// they save.
+pub const SPLICE_MIN: usize = 128 * 1024;
+
+/// The largest pipe an unprivileged process may ask for by default
+/// (`/proc/sys/fs/pipe-max-size`); a payload whose rest does not fit is
+/// read the ordinary way.
+const PIPE_MAX: usize = 1 << 20;
+
+/// The rest of a payload, held in a pipe until the write is started. Each
+/// holds at most [`PIPE_MAX`] bytes and two descriptors; how many exist at
+/// once is bounded like the payloads themselves, by the peer's writes in
+/// flight (the core's receive queue).
+#[derive(Debug)]
+pub struct Piped {
+    /// The pipe's read end.
+    pub pipe: rustix::fd::OwnedFd,
+    /// Bytes in it.
+    pub len: usize,
 }
 
 struct Shared<T> {
@@ -354,9 +389,28 @@ async fn read_loop<T: From<LinkEvent> + Send + 'static>(
             }
         };
         tokio::select! {
-            m = reader.next() => {
+            m = reader.next_frame(SPLICE_MIN) => {
                 let first = match m {
-                    Ok(Some(msg)) => msg,
+                    Ok(Some(Frame::Whole(msg))) => msg,
+                    Ok(Some(Frame::Bulk { head, rest })) => {
+                        deadline = None;
+                        // The rest of the frame is the peer's to send now; one
+                        // that stalls inside it for a whole ping-timeout is dead.
+                        let limit = sh.s.ping_int + sh.s.ping_timeout;
+                        let event = match tokio::time::timeout(limit, take_bulk(reader, head, rest)).await {
+                            Ok(Ok((msg, None))) => LinkEvent::Messages { id, msgs: vec![msg] },
+                            Ok(Ok((msg, Some(piped)))) => LinkEvent::Bulk { id, msg, piped },
+                            Ok(Err(e)) => return (ConnState::BrokenPipe, format!("receive failed: {e}")),
+                            Err(_) => return (
+                                ConnState::Timeout,
+                                format!("the peer stopped sending in the middle of a frame for {limit:?}"),
+                            ),
+                        };
+                        if sh.events.send(T::from(event)).await.is_err() {
+                            return (ConnState::Unconnected, "the resource is stopping".into());
+                        }
+                        continue;
+                    }
                     Ok(None) => return (ConnState::BrokenPipe, "the peer closed the connection".into()),
                     Err(e) => return (ConnState::ProtocolError, format!("receive failed: {e}")),
                 };
@@ -412,6 +466,122 @@ async fn read_loop<T: From<LinkEvent> + Send + 'static>(
                 );
             }
         }
+    }
+}
+
+/// Take the `rest` bytes of a bulk frame's payload from the socket: into a
+/// pipe with `splice` when the pipe can hold them, else (or when the pipe
+/// fills early: a peer whose segments are small uses a pipe slot per
+/// segment) read into memory after the part already taken.
+async fn take_bulk(
+    reader: &mut FrameReader<tokio::net::tcp::OwnedReadHalf>,
+    msg: Message,
+    rest: usize,
+) -> io::Result<(Message, Option<Piped>)> {
+    // A pipe larger than pipe-max-size needs privileges; and one pipe
+    // slot per page keeps a default-size pipe for ordinary payloads.
+    let pipe_size = if rest <= PIPE_MAX { rest } else { 0 };
+    take_bulk_via(reader, msg, rest, pipe_size).await
+}
+
+/// [`take_bulk`] with a pipe of `pipe_size` bytes (tests use one too small
+/// to see the pipe fill).
+async fn take_bulk_via(
+    reader: &mut FrameReader<tokio::net::tcp::OwnedReadHalf>,
+    mut msg: Message,
+    rest: usize,
+    pipe_size: usize,
+) -> io::Result<(Message, Option<Piped>)> {
+    use rustix::pipe::{fcntl_setpipe_size, pipe_with, splice, PipeFlags, SpliceFlags};
+    use tokio::io::Interest;
+    let pipe = (pipe_size > 0)
+        .then(|| {
+            pipe_with(PipeFlags::CLOEXEC | PipeFlags::NONBLOCK)
+                .and_then(|(r, w)| Ok((r, fcntl_setpipe_size(&w, pipe_size)?, w)))
+                .ok()
+        })
+        .flatten();
+    let mut got = 0;
+    let mut spilled = None;
+    match pipe {
+        Some((r, cap, w)) if cap >= pipe_size => {
+            let sock: &TcpStream = reader.get_ref().as_ref();
+            let mut full = false;
+            while got < rest {
+                sock.readable().await?;
+                // EAGAIN means an empty socket (wait for it) or a full
+                // pipe, and only the first may clear tokio's readiness: with
+                // bytes waiting and readiness cleared, nothing would wake
+                // the read that takes them. So a full pipe is told apart
+                // inside the attempt.
+                let n = sock.try_io(Interest::READABLE, || {
+                    match splice(
+                        sock,
+                        None,
+                        &w,
+                        None,
+                        rest - got,
+                        SpliceFlags::NONBLOCK | SpliceFlags::MOVE,
+                    ) {
+                        Ok(n) => Ok(Some(n)),
+                        Err(rustix::io::Errno::AGAIN)
+                            if rustix::io::ioctl_fionread(sock).unwrap_or(0) > 0 =>
+                        {
+                            Ok(None)
+                        }
+                        Err(e) => Err(io::Error::from(e)),
+                    }
+                });
+                match n {
+                    Ok(Some(0)) => return Err(io::ErrorKind::UnexpectedEof.into()),
+                    Ok(Some(n)) => got += n,
+                    Ok(None) => {
+                        full = true;
+                        break;
+                    }
+                    Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
+                    Err(e) => return Err(e),
+                }
+            }
+            if !full {
+                return Ok((msg, Some(Piped { pipe: r, len: rest })));
+            }
+            spilled = Some(r);
+        }
+        // No pipe of that size (descriptors exhausted, a lower
+        // pipe-max-size): read it.
+        _ => {}
+    }
+    let Some(data) = bulk_data(&mut msg) else {
+        return Err(io::Error::other("bulk frame without a payload"));
+    };
+    let mut all = Vec::with_capacity(data.len() + rest);
+    all.extend_from_slice(data);
+    if let Some(r) = spilled {
+        let start = all.len();
+        all.resize(start + got, 0);
+        let mut at = start;
+        while at < start + got {
+            match rustix::io::read(&r, &mut all[at..start + got]) {
+                Ok(0) => return Err(io::Error::other("pipe ran dry")),
+                Ok(n) => at += n,
+                Err(rustix::io::Errno::INTR) => {}
+                Err(e) => return Err(e.into()),
+            }
+        }
+    }
+    let start = all.len();
+    all.resize(start + rest - got, 0);
+    reader.get_mut().read_exact(&mut all[start..]).await?;
+    *data = bytes::Bytes::from(all);
+    Ok((msg, None))
+}
+
+/// The payload of a `Data` or `RsData` message.
+pub fn bulk_data(msg: &mut Message) -> Option<&mut bytes::Bytes> {
+    match msg {
+        Message::Data { data, .. } | Message::RsData { data, .. } => Some(data),
+        _ => None,
     }
 }
 
@@ -481,12 +651,142 @@ mod tests {
                         downs[i] += 1;
                         eprintln!("round {round}: node {i} lost a link: {reason}");
                     }
-                    LinkEvent::Messages { .. } => {}
+                    LinkEvent::Messages { .. } | LinkEvent::Bulk { .. } => {}
                 }
             }
             let _ = stop_tx.send(true);
             assert_eq!(downs, [0, 0], "round {round}: a kept link was closed");
             assert_eq!(ups, [1, 1], "round {round}: each node keeps one link");
         }
+    }
+}
+
+#[cfg(test)]
+mod bulk_tests {
+    use super::*;
+    use bytes::Bytes;
+
+    fn pattern(n: usize, seed: u8) -> Bytes {
+        (0..n)
+            .map(|i| (i as u32).wrapping_mul(2_654_435_761).to_le_bytes()[3] ^ seed)
+            .collect()
+    }
+
+    /// Large payloads arrive byte for byte whether they go through a pipe
+    /// or (when the pipe fills early, as with a peer dribbling small
+    /// segments) through memory, and the frames after them stay in step.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn bulk_payloads_arrive_whole_through_a_pipe_or_memory() {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        // (payload size, bytes per write call): whole frames, then 1000-byte
+        // segments with Nagle off.
+        let cases = [
+            (600_000, usize::MAX),
+            (SPLICE_MIN, usize::MAX),
+            (300_000, 1000),
+            (3 << 20, usize::MAX),
+        ];
+        let sender = tokio::spawn(async move {
+            let mut s = TcpStream::connect(addr).await.unwrap();
+            s.set_nodelay(true).unwrap();
+            for (i, &(n, chunk)) in cases.iter().enumerate() {
+                let msg = if i % 2 == 0 {
+                    Message::Data {
+                        seq: i as u64,
+                        epoch: 1,
+                        offset: 0,
+                        fua: false,
+                        crc: None,
+                        data: pattern(n, i as u8),
+                    }
+                } else {
+                    Message::RsData {
+                        id: i as u64,
+                        offset: 0,
+                        data: pattern(n, i as u8),
+                    }
+                };
+                let mut buf = BytesMut::new();
+                tandem_wire::encode(&msg, &mut buf);
+                tandem_wire::encode(&Message::Ping, &mut buf);
+                for part in buf.chunks(chunk) {
+                    s.write_all(part).await.unwrap();
+                    if chunk < 4096 {
+                        tokio::task::yield_now().await;
+                    }
+                }
+            }
+            s
+        });
+        let (sock, _) = listener.accept().await.unwrap();
+        let (rd, _wr) = sock.into_split();
+        let mut reader = FrameReader::new(rd);
+        let mut piped_cases = 0;
+        for (i, &(n, _)) in cases.iter().enumerate() {
+            let (head, rest) = match reader.next_frame(SPLICE_MIN).await.unwrap() {
+                Some(Frame::Bulk { head, rest }) => (head, rest),
+                other => panic!("case {i}: expected a bulk frame, got {other:?}"),
+            };
+            let (mut msg, piped) = take_bulk(&mut reader, head, rest).await.unwrap();
+            let mut all = bulk_data(&mut msg).unwrap().to_vec();
+            eprintln!(
+                "case {i}: {n} bytes, {}",
+                if piped.is_some() { "piped" } else { "read" }
+            );
+            if let Some(p) = piped {
+                piped_cases += 1;
+                let start = all.len();
+                all.resize(start + p.len, 0);
+                let mut at = start;
+                while at < all.len() {
+                    match rustix::io::read(&p.pipe, &mut all[at..]) {
+                        Ok(0) => panic!("case {i}: pipe ran dry"),
+                        Ok(k) => at += k,
+                        Err(e) => panic!("case {i}: reading the pipe: {e}"),
+                    }
+                }
+            }
+            assert_eq!(all.len(), n, "case {i}: payload length");
+            assert!(all == pattern(n, i as u8), "case {i}: payload bytes differ");
+            match reader.next_frame(SPLICE_MIN).await.unwrap() {
+                Some(Frame::Whole(Message::Ping)) => {}
+                other => panic!("case {i}: expected the Ping after the payload, got {other:?}"),
+            }
+        }
+        // The 3 MiB payload does not fit a default-size pipe and is read;
+        // the whole 600 KiB frame fits one and is spliced.
+        assert!(piped_cases >= 1, "no payload went through a pipe");
+        // A pipe that fills before the payload is complete: what it holds
+        // and the rest of the socket are read into memory.
+        let mut s = sender.await.unwrap();
+        let mut buf = BytesMut::new();
+        let data = pattern(500_000, 9);
+        tandem_wire::encode(
+            &Message::RsData {
+                id: 9,
+                offset: 0,
+                data: data.clone(),
+            },
+            &mut buf,
+        );
+        tandem_wire::encode(&Message::Ping, &mut buf);
+        s.write_all(&buf).await.unwrap();
+        let Some(Frame::Bulk { head, rest }) = reader.next_frame(SPLICE_MIN).await.unwrap() else {
+            panic!("expected a bulk frame");
+        };
+        let (mut msg, piped) = take_bulk_via(&mut reader, head, rest, 4096).await.unwrap();
+        assert!(
+            piped.is_none(),
+            "a payload larger than its pipe must come back in memory"
+        );
+        assert!(
+            bulk_data(&mut msg).unwrap() == &data,
+            "spilled payload bytes differ"
+        );
+        assert!(matches!(
+            reader.next_frame(SPLICE_MIN).await.unwrap(),
+            Some(Frame::Whole(Message::Ping))
+        ));
     }
 }

@@ -550,7 +550,10 @@ pub(crate) fn decode_bulk_head(
         _ => return Ok(None),
     };
     let total = HEADER_LEN + h.body;
-    if h.body < fixed || h.body - fixed < min || buf.len() < HEADER_LEN + fixed || buf.len() >= total
+    if h.body < fixed
+        || h.body - fixed < min
+        || buf.len() < HEADER_LEN + fixed
+        || buf.len() >= total
     {
         return Ok(None);
     }
