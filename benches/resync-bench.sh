@@ -8,7 +8,8 @@
 #   benches/resync-bench.sh --size-mib N
 #
 # Options: --size-mib N [BENCH_SIZE_MIB, 4096], --quick, --no-build,
-# --work-dir DIR [BENCH_WORK_DIR, benches/work].
+# --work-dir DIR [BENCH_WORK_DIR, benches/work]; TANDEM_BIN runs another
+# binary (an A/B against an older build) instead of target/release/tandem.
 # The markdown report goes to stdout and to benches/results/resync-<date>.md;
 # progress to stderr; the daemons' logs stay in <work-dir>/resync-<date>/.
 # Exit status: 0 when every row ran, 1 when one failed, 2 on bad usage.
@@ -35,7 +36,7 @@ log() { echo "[resync-bench $(date +%H:%M:%S)] $*" >&2; }
 command -v fio >/dev/null || { echo "resync-bench: fio is needed (apt-get install fio)" >&2; exit 2; }
 
 [ "$build" = 1 ] && cargo build --release -q -p tandem
-T="$PWD/target/release/tandem"
+T="${TANDEM_BIN:-$PWD/target/release/tandem}"
 stamp="$(date +%Y-%m-%d-%H%M%S)"
 dir="$work/resync-$stamp"
 mkdir -p "$dir/etc" "$dir/alpha" "$dir/beta" benches/results

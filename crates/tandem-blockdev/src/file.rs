@@ -10,7 +10,7 @@
 use crate::{range_end, AlignedBuf, BlockDevice, BlockSizes, Capabilities, Extent, ZeroFlags};
 use bytes::Bytes;
 use rustix::buffer::spare_capacity;
-use rustix::fd::OwnedFd;
+use rustix::fd::{BorrowedFd, OwnedFd};
 use rustix::fs::{Advice, FallocateFlags, SeekFrom};
 use rustix::io::{Errno, ReadWriteFlags};
 use rustix::pipe::SpliceFlags;
@@ -552,6 +552,36 @@ impl FileDevice {
     }
 }
 
+impl FileDevice {
+    /// Whether reads and writes go around the page cache (O_DIRECT); then
+    /// `sendfile_to`, which reads through it, should not be used.
+    pub fn is_direct(&self) -> bool {
+        self.inner.direct.is_some()
+    }
+
+    /// One `sendfile` of up to `len` bytes from `*offset` to `sock`,
+    /// advancing `offset`: the bytes go from the page cache to the socket
+    /// without a copy through user space. Blocks while pages are read from
+    /// the disk, so call it off the async workers; a non-blocking `sock`
+    /// that is full gives `WouldBlock`.
+    pub fn sendfile_to(
+        &self,
+        sock: BorrowedFd<'_>,
+        offset: &mut u64,
+        len: usize,
+    ) -> io::Result<usize> {
+        self.check(*offset, len as u64)?;
+        match rustix::fs::sendfile(sock, &self.inner.file, Some(offset), len) {
+            Ok(0) if len > 0 => Err(io::Error::new(
+                io::ErrorKind::UnexpectedEof,
+                format!("the backing file ends at {offset}, inside the device"),
+            )),
+            Ok(n) => Ok(n),
+            Err(e) => Err(e.into()),
+        }
+    }
+}
+
 fn pipe_ran_dry(len: usize, moved: usize) -> io::Error {
     io::Error::other(format!("payload pipe ran dry after {moved} of {len} bytes"))
 }
@@ -677,7 +707,10 @@ mod tests {
                 .unwrap();
             let got = dev.read(offset, head.len() + tail.len()).await.unwrap();
             assert!(got[..head.len()] == head[..], "head (direct={direct})");
-            assert!(got[head.len()..] == tail[..], "piped part (direct={direct})");
+            assert!(
+                got[head.len()..] == tail[..],
+                "piped part (direct={direct})"
+            );
             // A pipe holding less than announced fails the write.
             let (r, w) = rustix::pipe::pipe_with(rustix::pipe::PipeFlags::NONBLOCK).unwrap();
             rustix::io::write(&w, &[7u8; 1000]).unwrap();

@@ -84,6 +84,8 @@ enum Input {
     Client(ClientOp, oneshot::Sender<io::Result<()>>),
     /// A local read for the peer finished (its bytes are kept for `RsData`).
     ReadDone(OpId, io::Result<Bytes>),
+    /// A resync read went to the peer straight from the disk (`len` bytes).
+    RsSent(OpId, u64, io::Result<()>),
     /// A digest read for verify finished.
     Digests(OpId, Option<Vec<u32>>),
     Core(Event),
@@ -464,6 +466,7 @@ async fn run_async(opts: DaemonOptions, ready: impl FnOnce()) -> Result<(), Stri
         clients: HashMap::new(),
         peer_payloads: HashMap::new(),
         rs_out: HashMap::new(),
+        rs_sent: Default::default(),
         rs_in: HashMap::new(),
         sync_side: None,
         sync_rate: (Instant::now(), 0, 0),
@@ -705,7 +708,7 @@ struct Extra {
 
 struct LinkHandle {
     id: u64,
-    tx: mpsc::Sender<Vec<tandem_wire::Message>>,
+    tx: mpsc::Sender<Vec<link::Out>>,
 }
 
 struct Actor {
@@ -727,6 +730,9 @@ struct Actor {
     peer_payloads: HashMap<u64, Payload>,
     /// Resync data read for the peer, by request id, until sent.
     rs_out: HashMap<u64, Bytes>,
+    /// Resync requests whose `RsData` went out straight from the disk
+    /// (`link::FileFrame`) before the core heard the read was done.
+    rs_sent: std::collections::HashSet<u64>,
     /// Resync data received, by request id, until written.
     rs_in: HashMap<u64, Payload>,
     /// The side of the resync running after the last batch.
@@ -737,7 +743,7 @@ struct Actor {
     link: Option<LinkHandle>,
     /// Frames for `link` produced since the actor last waited for input:
     /// handed to the writer as one batch (see [`Actor::flush_outbox`]).
-    outbox: Vec<tandem_wire::Message>,
+    outbox: Vec<link::Out>,
     /// Payload bytes in `outbox`.
     outbox_bytes: usize,
     /// The link `outbox` is for.
@@ -917,9 +923,9 @@ impl Actor {
         // Orderly goodbye so the peer logs why, then a clean close.
         if let Some(l) = self.link.take() {
             let _ =
-                l.tx.send(vec![tandem_wire::Message::Disconnect {
+                l.tx.send(vec![link::Out::Frame(tandem_wire::Message::Disconnect {
                     reason: format!("{} is going down", self.node),
-                }])
+                })])
                 .await;
             tokio::time::sleep(Duration::from_millis(50)).await;
         }
@@ -963,6 +969,23 @@ impl Actor {
                     }
                     (_, Err(e)) => {
                         error!("local read for the peer failed: {e}");
+                        false
+                    }
+                    _ => false,
+                };
+                self.feed(Event::LocalDone { op, ok }).await;
+            }
+            Input::RsSent(op, len, r) => {
+                let ok = match (op, r) {
+                    (OpId::ResyncRead { id, .. }, Ok(())) => {
+                        self.counters_extra.disk_read += len;
+                        self.rs_sent.insert(id);
+                        true
+                    }
+                    (_, Err(e)) => {
+                        // The link's writer logs why it stopped; a frame
+                        // dropped with its link needs no line of its own.
+                        tracing::debug!("resync data not sent: {e}");
                         false
                     }
                     _ => false,
@@ -1219,6 +1242,31 @@ impl Actor {
                         return;
                     }
                 };
+                // A large resync read goes from the page cache to the link
+                // socket (`sendfile`) as the next frame on the wire, and is
+                // done, for the core, once it is sent: client writes that
+                // overlap it wait until then, as for any read.
+                if let OpId::ResyncRead { link, id } = op {
+                    let big = usize::try_from(len)
+                        .ok()
+                        .filter(|&n| n >= link::SPLICE_MIN && n <= tandem_wire::MAX_DATA);
+                    let current = self.link.as_ref().is_some_and(|l| l.id == link);
+                    if let (Some(n), true, false) = (big, current, dev.is_direct()) {
+                        let tx = self.tx.clone();
+                        let done = Box::new(move |r: io::Result<()>| {
+                            // Called from the writer (or wherever the frame
+                            // is dropped), which must not wait on the actor.
+                            if let Ok(rt) = tokio::runtime::Handle::try_current() {
+                                rt.spawn(async move {
+                                    let _ = tx.send(Input::RsSent(op, len, r)).await;
+                                });
+                            }
+                        });
+                        let frame = link::FileFrame::rs_data(id, offset, n, dev, done);
+                        self.push_out(link, link::Out::File(frame), n).await;
+                        return;
+                    }
+                }
                 let tx = self.tx.clone();
                 tokio::spawn(async move {
                     let r = match usize::try_from(len) {
@@ -1312,7 +1360,9 @@ impl Actor {
                 self.flush_outbox().await;
                 if let Some(l) = self.link.take() {
                     let _ =
-                        l.tx.try_send(vec![tandem_wire::Message::Disconnect { reason }]);
+                        l.tx.try_send(vec![link::Out::Frame(tandem_wire::Message::Disconnect {
+                            reason,
+                        })]);
                 }
                 if standalone {
                     self.want_link.store(false, Ordering::Relaxed);
@@ -1432,7 +1482,9 @@ impl Actor {
             };
             cursor = start + n;
             if tx
-                .send(vec![tandem_wire::Message::Bitmap { runs: chunk }])
+                .send(vec![link::Out::Frame(tandem_wire::Message::Bitmap {
+                    runs: chunk,
+                })])
                 .await
                 .is_err()
             {
@@ -1444,7 +1496,7 @@ impl Actor {
             }
         }
         if tx
-            .send(vec![tandem_wire::Message::BitmapDone])
+            .send(vec![link::Out::Frame(tandem_wire::Message::BitmapDone)])
             .await
             .is_err()
         {
@@ -1565,6 +1617,10 @@ impl Actor {
                 len: len as u32,
             },
             Packet::RsData { id, offset, .. } => {
+                if self.rs_sent.remove(&id) {
+                    // Its payload went from the disk to the socket already.
+                    return;
+                }
                 let Some(data) = self.rs_out.remove(&id) else {
                     error!("no data read for resync request {id}; dropping the link");
                     let id = link.id;
@@ -1612,13 +1668,21 @@ impl Actor {
             },
             Packet::OvDone { found } => M::OvDone { found },
         };
-        if self.outbox_link != Some(link.id) {
+        let bytes = msg.payload().map_or(0, |d| d.len());
+        let id = link.id;
+        self.push_out(id, link::Out::Frame(msg), bytes).await;
+    }
+
+    /// Queue `out` (`bytes` of payload) for link `id` behind the frames
+    /// already in the outbox.
+    async fn push_out(&mut self, id: u64, out: link::Out, bytes: usize) {
+        if self.outbox_link != Some(id) {
             self.outbox.clear();
             self.outbox_bytes = 0;
-            self.outbox_link = Some(link.id);
+            self.outbox_link = Some(id);
         }
-        self.outbox_bytes += msg.payload().map_or(0, |d| d.len());
-        self.outbox.push(msg);
+        self.outbox_bytes += bytes;
+        self.outbox.push(out);
         if self.outbox.len() >= crate::link::BATCH_FRAMES || self.outbox_bytes >= OUTBOX_BYTES {
             self.flush_outbox().await;
         }
@@ -1659,9 +1723,9 @@ impl Actor {
         match ev {
             LinkEvent::Up { id, tx } => {
                 if self.link.is_some() || !self.want_link.load(Ordering::Relaxed) {
-                    let _ = tx.try_send(vec![tandem_wire::Message::Disconnect {
+                    let _ = tx.try_send(vec![link::Out::Frame(tandem_wire::Message::Disconnect {
                         reason: "already connected".into(),
-                    }]);
+                    })]);
                     return;
                 }
                 info!("connected to {}", self.peer_name);
@@ -1670,6 +1734,7 @@ impl Actor {
                 self.peer_payloads.clear();
                 self.rs_in.clear();
                 self.rs_out.clear();
+                self.rs_sent.clear();
                 self.feed(Event::LinkUp { link: id }).await;
             }
             LinkEvent::Down { id, cause, reason } => {

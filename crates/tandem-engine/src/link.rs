@@ -72,7 +72,7 @@ pub enum LinkEvent {
         /// The writer's queue, one batch of frames per item (the actor
         /// gathers what one wake-up produced, so the writer makes one
         /// write call for it instead of waking per frame).
-        tx: mpsc::Sender<Vec<Message>>,
+        tx: mpsc::Sender<Vec<Out>>,
     },
     /// The link is gone.
     Down {
@@ -100,6 +100,116 @@ pub enum LinkEvent {
         /// The payload's rest.
         piped: Piped,
     },
+}
+
+/// What the writer sends, in order.
+pub enum Out {
+    /// A frame.
+    Frame(Message),
+    /// An `RsData` frame whose payload goes from the disk to the socket
+    /// with `sendfile`.
+    File(FileFrame),
+}
+
+/// A frame whose payload is a range of the local disk, sent without a
+/// copy through user space. `done` hears how the send went exactly once:
+/// when it finished, or with an error when the frame is dropped unsent
+/// (its link went away).
+pub struct FileFrame {
+    /// The frame with an empty payload.
+    head: Message,
+    dev: Arc<tandem_blockdev::FileDevice>,
+    offset: u64,
+    len: usize,
+    done: Option<Box<dyn FnOnce(io::Result<()>) + Send>>,
+}
+
+impl FileFrame {
+    /// `RsData` for request `id`: `len` bytes of `dev` at `offset`.
+    pub fn rs_data(
+        id: u64,
+        offset: u64,
+        len: usize,
+        dev: Arc<tandem_blockdev::FileDevice>,
+        done: Box<dyn FnOnce(io::Result<()>) + Send>,
+    ) -> Self {
+        Self {
+            head: Message::RsData {
+                id,
+                offset,
+                data: bytes::Bytes::new(),
+            },
+            dev,
+            offset,
+            len,
+            done: Some(done),
+        }
+    }
+
+    fn finish(&mut self, r: io::Result<()>) {
+        if let Some(done) = self.done.take() {
+            done(r);
+        }
+    }
+}
+
+impl Drop for FileFrame {
+    fn drop(&mut self) {
+        self.finish(Err(io::Error::other(
+            "the link closed before the data was sent",
+        )));
+    }
+}
+
+/// Send a file frame's payload. `sendfile` waits for the disk on a page
+/// cache miss, so it runs on the blocking pool, waiting for room in the
+/// socket with `poll`; if the writer is dropped meanwhile (the link is
+/// gone) the loop notices within a poll interval and stops.
+async fn send_file_range(
+    sock: &TcpStream,
+    dev: Arc<tandem_blockdev::FileDevice>,
+    mut offset: u64,
+    mut left: usize,
+) -> io::Result<()> {
+    use rustix::fd::AsFd;
+    struct Abandon(Arc<AtomicBool>);
+    impl Drop for Abandon {
+        fn drop(&mut self) {
+            self.0.store(true, Ordering::Relaxed);
+        }
+    }
+    // Its own descriptor: the link's may be closed while this runs.
+    let fd = sock.as_fd().try_clone_to_owned()?;
+    let guard = Abandon(Arc::new(AtomicBool::new(false)));
+    let abandoned = Arc::clone(&guard.0);
+    let r = tokio::task::spawn_blocking(move || {
+        use rustix::event::{poll, PollFd, PollFlags, Timespec};
+        let interval = Timespec {
+            tv_sec: 0,
+            tv_nsec: 100_000_000,
+        };
+        while left > 0 {
+            match dev.sendfile_to(fd.as_fd(), &mut offset, left) {
+                Ok(n) => left -= n,
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                    if abandoned.load(Ordering::Relaxed) {
+                        return Err(io::Error::other("the link closed"));
+                    }
+                    let mut p = [PollFd::new(&fd, PollFlags::OUT)];
+                    match poll(&mut p, Some(&interval)) {
+                        Ok(_) | Err(rustix::io::Errno::INTR) => {}
+                        Err(e) => return Err(e.into()),
+                    }
+                }
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                Err(e) => return Err(e),
+            }
+        }
+        Ok(())
+    })
+    .await;
+    drop(guard);
+    r.map_err(|e| io::Error::other(format!("the sendfile task failed: {e}")))?
 }
 
 /// Payloads at least this large are moved from the link socket into a pipe
@@ -302,7 +412,7 @@ async fn establish<T: From<LinkEvent> + Send + 'static>(
     }
     let id = sh.next_id.fetch_add(1, Ordering::Relaxed);
     info!("link {id} to {} authenticated ({how})", sh.s.peer);
-    let (tx, mut rx) = mpsc::channel::<Vec<Message>>(SEND_QUEUE);
+    let (tx, mut rx) = mpsc::channel::<Vec<Out>>(SEND_QUEUE);
     if sh
         .events
         .send(T::from(LinkEvent::Up { id, tx: tx.clone() }))
@@ -321,7 +431,26 @@ async fn establish<T: From<LinkEvent> + Send + 'static>(
             let mut batch = first;
             let mut closing = false;
             'gather: loop {
-                for msg in batch.drain(..) {
+                for out in batch.drain(..) {
+                    let msg = match out {
+                        Out::Frame(msg) => msg,
+                        Out::File(mut f) => {
+                            tandem_wire::encode_bulk_head(&f.head, f.len, &mut buf);
+                            if let Err(e) = w.write_all(&buf).await {
+                                return format!("send failed: {e}");
+                            }
+                            buf.clear();
+                            let r =
+                                send_file_range(w.as_ref(), Arc::clone(&f.dev), f.offset, f.len)
+                                    .await;
+                            let failed = r.as_ref().err().map(|e| e.to_string());
+                            f.finish(r);
+                            if let Some(e) = failed {
+                                return format!("sending resync data from the disk failed: {e}");
+                            }
+                            continue;
+                        }
+                    };
                     closing = matches!(msg, Message::Disconnect { .. });
                     let big = msg.payload().filter(|d| d.len() > 64 * 1024).cloned();
                     match big {
@@ -376,7 +505,7 @@ async fn read_loop<T: From<LinkEvent> + Send + 'static>(
     sh: &Shared<T>,
     id: u64,
     reader: &mut FrameReader<tokio::net::tcp::OwnedReadHalf>,
-    tx: &mpsc::Sender<Vec<Message>>,
+    tx: &mpsc::Sender<Vec<Out>>,
 ) -> (ConnState, String) {
     let mut ping = tokio::time::interval(sh.s.ping_int);
     ping.tick().await;
@@ -424,7 +553,7 @@ async fn read_loop<T: From<LinkEvent> + Send + 'static>(
                 while let Some(msg) = next.take() {
                     match msg {
                         Message::Ping => {
-                            let _ = tx.try_send(vec![Message::PingAck]);
+                            let _ = tx.try_send(vec![Out::Frame(Message::PingAck)]);
                         }
                         msg => {
                             closing = matches!(msg, Message::Disconnect { .. });
@@ -455,7 +584,7 @@ async fn read_loop<T: From<LinkEvent> + Send + 'static>(
                 }
             },
             _ = ping.tick() => {
-                if deadline.is_none() && tx.try_send(vec![Message::Ping]).is_ok() {
+                if deadline.is_none() && tx.try_send(vec![Out::Frame(Message::Ping)]).is_ok() {
                     deadline = Some(tokio::time::Instant::now() + sh.s.ping_timeout);
                 }
             }
@@ -470,17 +599,18 @@ async fn read_loop<T: From<LinkEvent> + Send + 'static>(
 }
 
 /// Take the `rest` bytes of a bulk frame's payload from the socket: into a
-/// pipe with `splice` when the pipe can hold them, else (or when the pipe
-/// fills early: a peer whose segments are small uses a pipe slot per
-/// segment) read into memory after the part already taken.
+/// pipe with `splice` when the pipe can hold the whole payload (the part
+/// already read is written into it first, so the disk write is one
+/// `splice`), else (or when the pipe fills early: a peer whose segments
+/// are small uses a pipe slot per segment) read into memory after the part
+/// already taken.
 async fn take_bulk(
     reader: &mut FrameReader<tokio::net::tcp::OwnedReadHalf>,
     msg: Message,
     rest: usize,
 ) -> io::Result<(Message, Option<Piped>)> {
-    // A pipe larger than pipe-max-size needs privileges; and one pipe
-    // slot per page keeps a default-size pipe for ordinary payloads.
-    let pipe_size = if rest <= PIPE_MAX { rest } else { 0 };
+    let total = msg.payload().map_or(0, |d| d.len()) + rest;
+    let pipe_size = if total <= PIPE_MAX { total } else { 0 };
     take_bulk_via(reader, msg, rest, pipe_size).await
 }
 
@@ -494,87 +624,124 @@ async fn take_bulk_via(
 ) -> io::Result<(Message, Option<Piped>)> {
     use rustix::pipe::{fcntl_setpipe_size, pipe_with, splice, PipeFlags, SpliceFlags};
     use tokio::io::Interest;
-    let pipe = (pipe_size > 0)
-        .then(|| {
-            pipe_with(PipeFlags::CLOEXEC | PipeFlags::NONBLOCK)
-                .and_then(|(r, w)| Ok((r, fcntl_setpipe_size(&w, pipe_size)?, w)))
-                .ok()
-        })
-        .flatten();
-    let mut got = 0;
-    let mut spilled = None;
-    match pipe {
-        Some((r, cap, w)) if cap >= pipe_size => {
-            let sock: &TcpStream = reader.get_ref().as_ref();
-            let mut full = false;
-            while got < rest {
-                sock.readable().await?;
-                // EAGAIN means an empty socket (wait for it) or a full
-                // pipe, and only the first may clear tokio's readiness: with
-                // bytes waiting and readiness cleared, nothing would wake
-                // the read that takes them. So a full pipe is told apart
-                // inside the attempt.
-                let n = sock.try_io(Interest::READABLE, || {
-                    match splice(
-                        sock,
-                        None,
-                        &w,
-                        None,
-                        rest - got,
-                        SpliceFlags::NONBLOCK | SpliceFlags::MOVE,
-                    ) {
-                        Ok(n) => Ok(Some(n)),
-                        Err(rustix::io::Errno::AGAIN)
-                            if rustix::io::ioctl_fionread(sock).unwrap_or(0) > 0 =>
-                        {
-                            Ok(None)
-                        }
-                        Err(e) => Err(io::Error::from(e)),
-                    }
-                });
-                match n {
-                    Ok(Some(0)) => return Err(io::ErrorKind::UnexpectedEof.into()),
-                    Ok(Some(n)) => got += n,
-                    Ok(None) => {
-                        full = true;
-                        break;
-                    }
-                    Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
-                    Err(e) => return Err(e),
-                }
-            }
-            if !full {
-                return Ok((msg, Some(Piped { pipe: r, len: rest })));
-            }
-            spilled = Some(r);
-        }
-        // No pipe of that size (descriptors exhausted, a lower
-        // pipe-max-size): read it.
-        _ => {}
-    }
     let Some(data) = bulk_data(&mut msg) else {
         return Err(io::Error::other("bulk frame without a payload"));
     };
-    let mut all = Vec::with_capacity(data.len() + rest);
-    all.extend_from_slice(data);
-    if let Some(r) = spilled {
-        let start = all.len();
-        all.resize(start + got, 0);
-        let mut at = start;
-        while at < start + got {
-            match rustix::io::read(&r, &mut all[at..start + got]) {
-                Ok(0) => return Err(io::Error::other("pipe ran dry")),
-                Ok(n) => at += n,
-                Err(rustix::io::Errno::INTR) => {}
-                Err(e) => return Err(e.into()),
+    let head = std::mem::take(data);
+    // An empty pipe at least `pipe_size` large, holding `head`.
+    let pipe = (pipe_size > 0)
+        .then(|| {
+            let (r, w) = pipe_with(PipeFlags::CLOEXEC | PipeFlags::NONBLOCK).ok()?;
+            // A pipe counts slots, not bytes, and a slot holds one page or
+            // less: a payload sent with `sendfile` arrives a page per
+            // fragment, unaligned pages take two. Twice the bytes leaves
+            // room for that; only a privileged process may exceed
+            // pipe-max-size, so others settle for the size itself.
+            let cap = fcntl_setpipe_size(&w, 2 * pipe_size)
+                .or_else(|_| fcntl_setpipe_size(&w, pipe_size))
+                .ok()?;
+            (cap >= pipe_size && write_all_nonblocking(&w, &head)).then_some((r, w))
+        })
+        .flatten();
+    // Payload bytes in the pipe.
+    let mut piped = 0;
+    let mut spilled = None;
+    if let Some((r, w)) = pipe {
+        piped = head.len();
+        let sock: &TcpStream = reader.get_ref().as_ref();
+        let total = head.len() + rest;
+        let mut full = false;
+        while piped < total {
+            sock.readable().await?;
+            // EAGAIN means an empty socket (wait for it) or a full pipe,
+            // and only the first may clear tokio's readiness: with bytes
+            // waiting and readiness cleared, nothing would wake the read
+            // that takes them. So a full pipe is told apart inside the
+            // attempt.
+            let n = sock.try_io(Interest::READABLE, || {
+                match splice(
+                    sock,
+                    None,
+                    &w,
+                    None,
+                    total - piped,
+                    SpliceFlags::NONBLOCK | SpliceFlags::MOVE,
+                ) {
+                    Ok(n) => Ok(Some(n)),
+                    Err(rustix::io::Errno::AGAIN)
+                        if rustix::io::ioctl_fionread(sock).unwrap_or(0) > 0 =>
+                    {
+                        Ok(None)
+                    }
+                    Err(e) => Err(io::Error::from(e)),
+                }
+            });
+            match n {
+                Ok(Some(0)) => return Err(io::ErrorKind::UnexpectedEof.into()),
+                Ok(Some(n)) => piped += n,
+                Ok(None) => {
+                    full = true;
+                    break;
+                }
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
+                Err(e) => return Err(e),
             }
+        }
+        if !full {
+            return Ok((
+                msg,
+                Some(Piped {
+                    pipe: r,
+                    len: total,
+                }),
+            ));
+        }
+        spilled = Some(r);
+    }
+    // In memory: what the pipe holds (the head among it), else the head,
+    // then the rest of the socket.
+    let mut all = Vec::with_capacity(head.len() + rest);
+    match spilled {
+        Some(r) => {
+            all.resize(piped, 0);
+            let mut at = 0;
+            while at < piped {
+                match rustix::io::read(&r, &mut all[at..]) {
+                    Ok(0) => return Err(io::Error::other("pipe ran dry")),
+                    Ok(n) => at += n,
+                    Err(rustix::io::Errno::INTR) => {}
+                    Err(e) => return Err(e.into()),
+                }
+            }
+        }
+        None => {
+            piped = head.len();
+            all.extend_from_slice(&head);
         }
     }
     let start = all.len();
-    all.resize(start + rest - got, 0);
+    all.resize(head.len() + rest, 0);
     reader.get_mut().read_exact(&mut all[start..]).await?;
-    *data = bytes::Bytes::from(all);
+    debug_assert_eq!(start, piped);
+    if let Some(data) = bulk_data(&mut msg) {
+        *data = bytes::Bytes::from(all);
+    }
     Ok((msg, None))
+}
+
+/// Write all of `data` into an empty non-blocking pipe large enough for
+/// it; false if it would not take it all at once.
+fn write_all_nonblocking(pipe: &rustix::fd::OwnedFd, data: &[u8]) -> bool {
+    let mut at = 0;
+    while at < data.len() {
+        match rustix::io::write(pipe, &data[at..]) {
+            Ok(0) => return false,
+            Ok(n) => at += n,
+            Err(rustix::io::Errno::INTR) => {}
+            Err(_) => return false,
+        }
+    }
+    true
 }
 
 /// The payload of a `Data` or `RsData` message.
@@ -761,7 +928,8 @@ mod bulk_tests {
         // and the rest of the socket are read into memory.
         let mut s = sender.await.unwrap();
         let mut buf = BytesMut::new();
-        let data = pattern(500_000, 9);
+        // Its 32 slots take at most 2 MiB even of 64 KiB segments.
+        let data = pattern(4 << 20, 9);
         tandem_wire::encode(
             &Message::RsData {
                 id: 9,
@@ -771,11 +939,17 @@ mod bulk_tests {
             &mut buf,
         );
         tandem_wire::encode(&Message::Ping, &mut buf);
-        s.write_all(&buf).await.unwrap();
+        // From another task: 4 MiB may not fit the socket buffers.
+        let late = tokio::spawn(async move {
+            s.write_all(&buf).await.unwrap();
+            s
+        });
         let Some(Frame::Bulk { head, rest }) = reader.next_frame(SPLICE_MIN).await.unwrap() else {
             panic!("expected a bulk frame");
         };
-        let (mut msg, piped) = take_bulk_via(&mut reader, head, rest, 4096).await.unwrap();
+        let (mut msg, piped) = take_bulk_via(&mut reader, head, rest, 128 * 1024)
+            .await
+            .unwrap();
         assert!(
             piped.is_none(),
             "a payload larger than its pipe must come back in memory"
@@ -788,5 +962,6 @@ mod bulk_tests {
             reader.next_frame(SPLICE_MIN).await.unwrap(),
             Some(Frame::Whole(Message::Ping))
         ));
+        drop(late.await.unwrap());
     }
 }

@@ -494,6 +494,28 @@ pub(crate) fn frame_len(buf: &[u8]) -> Result<Option<usize>, WireError> {
     Ok(parse_header(buf)?.map(|h| HEADER_LEN + h.body))
 }
 
+/// The header and fixed fields of a `Data` or `RsData` frame whose payload
+/// of `len` bytes the caller writes itself after them (from a file, say);
+/// `msg`'s own payload must be empty.
+pub fn encode_bulk_head(msg: &Message, len: usize, out: &mut BytesMut) {
+    assert!(len <= MAX_DATA, "payload of {len} bytes exceeds MAX_DATA");
+    assert!(
+        msg.payload().is_some_and(|d| d.is_empty()),
+        "encode_bulk_head needs a Data or RsData message with an empty payload"
+    );
+    let start = out.len();
+    encode_head(msg, out);
+    let field = start + 8..start + 12;
+    let body = u32::from_le_bytes([
+        out[field.start],
+        out[field.start + 1],
+        out[field.start + 2],
+        out[field.start + 3],
+    ]);
+    // MAX_DATA plus the fixed fields fits u32 (see encode_head).
+    out[field].copy_from_slice(&(body + len as u32).to_le_bytes());
+}
+
 /// Take one whole frame from the front of `buf` if it holds one. Ok(None) = need more bytes.
 /// Rejects a header announcing more than MAX_DATA + 4096 body bytes before buffering it.
 ///
@@ -850,6 +872,53 @@ fn digests(b: &mut Body) -> Result<(u64, u64, Vec<u32>), WireError> {
 
 #[cfg(test)]
 mod tests {
+    /// A head written for a payload sent separately, followed by that
+    /// payload, is the same frame `encode` makes.
+    #[test]
+    fn bulk_head_and_payload_equal_the_whole_frame() {
+        let data = Bytes::from((0..70_000u32).map(|i| i as u8).collect::<Vec<u8>>());
+        for (whole, empty) in [
+            (
+                Message::RsData {
+                    id: 3,
+                    offset: 1 << 30,
+                    data: data.clone(),
+                },
+                Message::RsData {
+                    id: 3,
+                    offset: 1 << 30,
+                    data: Bytes::new(),
+                },
+            ),
+            (
+                Message::Data {
+                    seq: 9,
+                    epoch: 2,
+                    offset: 4096,
+                    fua: true,
+                    crc: None,
+                    data: data.clone(),
+                },
+                Message::Data {
+                    seq: 9,
+                    epoch: 2,
+                    offset: 4096,
+                    fua: true,
+                    crc: None,
+                    data: Bytes::new(),
+                },
+            ),
+        ] {
+            let mut a = BytesMut::new();
+            encode(&whole, &mut a);
+            let mut b = BytesMut::new();
+            encode_bulk_head(&empty, data.len(), &mut b);
+            b.extend_from_slice(&data);
+            assert_eq!(a, b);
+            assert_eq!(decode(&mut b).unwrap(), Some(whole));
+        }
+    }
+
     use super::*;
     use proptest::prelude::*;
 

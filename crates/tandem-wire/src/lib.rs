@@ -15,7 +15,10 @@ mod handshake;
 mod stream;
 
 pub use auth::{auth_mac, auth_verify, keep_outgoing, new_nonce};
-pub use frame::{data_crc, decode, encode, encode_head, HEADER_LEN, MAGIC, MAX_BODY, MAX_STRING};
+pub use frame::{
+    data_crc, decode, encode, encode_bulk_head, encode_head, HEADER_LEN, MAGIC, MAX_BODY,
+    MAX_STRING,
+};
 pub use handshake::{handshake, printable, HandshakeConfig, HandshakeError};
 pub use stream::{write_message, Frame, FrameReader};
 
