@@ -1249,7 +1249,7 @@ impl Actor {
                 if let OpId::ResyncRead { link, id } = op {
                     let big = usize::try_from(len)
                         .ok()
-                        .filter(|&n| n >= link::SPLICE_MIN && n <= tandem_wire::MAX_DATA);
+                        .filter(|n| (link::SPLICE_MIN..=tandem_wire::MAX_DATA).contains(n));
                     let current = self.link.as_ref().is_some_and(|l| l.id == link);
                     if let (Some(n), true, false) = (big, current, dev.is_direct()) {
                         let tx = self.tx.clone();

@@ -224,6 +224,9 @@ pub const SPLICE_MIN: usize = 128 * 1024;
 /// read the ordinary way.
 const PIPE_MAX: usize = 1 << 20;
 
+/// What one pipe slot holds at most.
+const PAGE: usize = 4096;
+
 /// The rest of a payload, held in a pipe until the write is started. Each
 /// holds at most [`PIPE_MAX`] bytes and two descriptors; how many exist at
 /// once is bounded like the payloads themselves, by the peer's writes in
@@ -628,30 +631,34 @@ async fn take_bulk_via(
         return Err(io::Error::other("bulk frame without a payload"));
     };
     let head = std::mem::take(data);
-    // An empty pipe at least `pipe_size` large, holding `head`.
+    // An empty pipe at least `pipe_size` large, and whether `head` went
+    // into it.
     let pipe = (pipe_size > 0)
         .then(|| {
             let (r, w) = pipe_with(PipeFlags::CLOEXEC | PipeFlags::NONBLOCK).ok()?;
             // A pipe counts slots, not bytes, and a slot holds one page or
             // less: a payload sent with `sendfile` arrives a page per
-            // fragment, unaligned pages take two. Twice the bytes leaves
-            // room for that; only a privileged process may exceed
-            // pipe-max-size, so others settle for the size itself.
+            // fragment. Twice the bytes leaves room for the head too, but
+            // only a privileged process may exceed pipe-max-size; others
+            // settle for the size itself and keep the head in memory.
             let cap = fcntl_setpipe_size(&w, 2 * pipe_size)
                 .or_else(|_| fcntl_setpipe_size(&w, pipe_size))
                 .ok()?;
-            (cap >= pipe_size && write_all_nonblocking(&w, &head)).then_some((r, w))
+            if cap < pipe_size {
+                return None;
+            }
+            let slots = head.len().div_ceil(PAGE) + rest.div_ceil(PAGE) + 2;
+            let head_in = slots <= cap / PAGE && write_all_nonblocking(&w, &head);
+            Some((r, w, head_in))
         })
         .flatten();
-    // Payload bytes in the pipe.
-    let mut piped = 0;
+    // Bytes of the rest taken from the socket into the pipe.
+    let mut spliced = 0;
     let mut spilled = None;
-    if let Some((r, w)) = pipe {
-        piped = head.len();
+    if let Some((r, w, head_in)) = pipe {
         let sock: &TcpStream = reader.get_ref().as_ref();
-        let total = head.len() + rest;
         let mut full = false;
-        while piped < total {
+        while spliced < rest {
             sock.readable().await?;
             // EAGAIN means an empty socket (wait for it) or a full pipe,
             // and only the first may clear tokio's readiness: with bytes
@@ -664,7 +671,7 @@ async fn take_bulk_via(
                     None,
                     &w,
                     None,
-                    total - piped,
+                    rest - spliced,
                     SpliceFlags::NONBLOCK | SpliceFlags::MOVE,
                 ) {
                     Ok(n) => Ok(Some(n)),
@@ -678,7 +685,7 @@ async fn take_bulk_via(
             });
             match n {
                 Ok(Some(0)) => return Err(io::ErrorKind::UnexpectedEof.into()),
-                Ok(Some(n)) => piped += n,
+                Ok(Some(n)) => spliced += n,
                 Ok(None) => {
                     full = true;
                     break;
@@ -688,41 +695,46 @@ async fn take_bulk_via(
             }
         }
         if !full {
-            return Ok((
-                msg,
-                Some(Piped {
-                    pipe: r,
-                    len: total,
-                }),
-            ));
-        }
-        spilled = Some(r);
-    }
-    // In memory: what the pipe holds (the head among it), else the head,
-    // then the rest of the socket.
-    let mut all = Vec::with_capacity(head.len() + rest);
-    match spilled {
-        Some(r) => {
-            all.resize(piped, 0);
-            let mut at = 0;
-            while at < piped {
-                match rustix::io::read(&r, &mut all[at..]) {
-                    Ok(0) => return Err(io::Error::other("pipe ran dry")),
-                    Ok(n) => at += n,
-                    Err(rustix::io::Errno::INTR) => {}
-                    Err(e) => return Err(e.into()),
+            let len = if head_in { head.len() + rest } else { rest };
+            if !head_in {
+                if let Some(data) = bulk_data(&mut msg) {
+                    *data = head;
                 }
             }
+            return Ok((msg, Some(Piped { pipe: r, len })));
+        }
+        spilled = Some((r, head_in));
+    }
+    // In memory: the head and what the pipe holds, then the rest of the
+    // socket.
+    let mut all = Vec::with_capacity(head.len() + rest);
+    let in_pipe = match &spilled {
+        Some((_, true)) => head.len() + spliced,
+        Some((_, false)) => {
+            all.extend_from_slice(&head);
+            spliced
         }
         None => {
-            piped = head.len();
             all.extend_from_slice(&head);
+            0
+        }
+    };
+    if let Some((r, _)) = &spilled {
+        let start = all.len();
+        all.resize(start + in_pipe, 0);
+        let mut at = start;
+        while at < all.len() {
+            match rustix::io::read(r, &mut all[at..]) {
+                Ok(0) => return Err(io::Error::other("pipe ran dry")),
+                Ok(n) => at += n,
+                Err(rustix::io::Errno::INTR) => {}
+                Err(e) => return Err(e.into()),
+            }
         }
     }
     let start = all.len();
     all.resize(head.len() + rest, 0);
     reader.get_mut().read_exact(&mut all[start..]).await?;
-    debug_assert_eq!(start, piped);
     if let Some(data) = bulk_data(&mut msg) {
         *data = bytes::Bytes::from(all);
     }
@@ -928,8 +940,9 @@ mod bulk_tests {
         // and the rest of the socket are read into memory.
         let mut s = sender.await.unwrap();
         let mut buf = BytesMut::new();
-        // Its 32 slots take at most 2 MiB even of 64 KiB segments.
-        let data = pattern(4 << 20, 9);
+        // Its 32 (or 64, when privileged) slots take at most 4 MiB even of
+        // 64 KiB segments.
+        let data = pattern(8 << 20, 9);
         tandem_wire::encode(
             &Message::RsData {
                 id: 9,
