@@ -575,3 +575,53 @@ fn a_fragmented_bitmap_travels_in_several_frames_and_resyncs_exactly() {
     assert_eq!(counter(&s, "resync-bytes-sent"), blocks * 4096, "{s:#}");
     assert_replicas_identical(&pair, "after resyncing a fragmented bitmap");
 }
+
+/// Client writes while the Primary is SyncSource: its resync data goes from
+/// the page cache to the link with `sendfile` as the frames go out, so a
+/// write may change a block between the read the core asked for and the
+/// bytes on the wire. The rule that keeps it right (the write's own frame
+/// follows the resync data on the one ordered link) is checked here with
+/// real daemons: fio's verified writes overlap the resync all along, and
+/// the replicas end identical.
+#[test]
+fn client_writes_during_a_full_resync_leave_identical_replicas() {
+    require_tool("fio");
+    let pair = Pair::connected(PairOptions {
+        // Slow enough that the resync runs for the whole fio job, and not
+        // held back by the controller while fio writes.
+        extra_disk: "resync-rate = \"40MiB\"\nc-min-rate = \"40MiB\"",
+        ..PairOptions::default()
+    });
+    // Something to resync everywhere: one pass of 1 MiB writes.
+    let out = pair.scratch().join("fill.json");
+    common::run_ok(
+        common::fio_verify(&pair.scratch(), &pair.nbd_uri(Alpha), "fill")
+            .args(["--rw=write", "--bs=1m", "--iodepth=4"])
+            .arg(format!("--size={}", pair.data_size()))
+            .arg(format!("--output={}", out.display())),
+    );
+    pair.ok(Beta, &["invalidate", RES]);
+    pair.wait_for(Alpha, "cstate", "SyncSource", STATE_TIMEOUT);
+    // Mixed sizes, so writes land inside, across and beside the 1 MiB
+    // resync requests; verified as they go.
+    let out = pair.scratch().join("during.json");
+    common::run_ok(
+        common::fio_verify(&pair.scratch(), &pair.nbd_uri(Alpha), "during")
+            .args([
+                "--rw=randwrite",
+                "--bsrange=4k-256k",
+                "--iodepth=8",
+                "--time_based",
+                "--runtime=3",
+            ])
+            .arg(format!("--size={}", pair.data_size()))
+            .arg(format!("--output={}", out.display())),
+    );
+    let s = pair.status(Alpha);
+    assert_eq!(
+        s["cstate"], "SyncSource",
+        "the resync must still be running when the writes stop, or they did not overlap it:\n{s:#}"
+    );
+    pair.wait_for(Beta, "dstate", "UpToDate/UpToDate", SYNC_TIMEOUT);
+    assert_replicas_identical(&pair, "after client writes during a full resync");
+}
