@@ -1262,6 +1262,14 @@ impl Actor {
                                 });
                             }
                         });
+                        // The writer sends frames one at a time; reading
+                        // ahead now keeps the disk busy with the whole
+                        // window of requests instead of one at a time when
+                        // the data is not in the page cache.
+                        let ahead = Arc::clone(&dev);
+                        tokio::spawn(async move {
+                            let _ = ahead.cache(offset, len).await;
+                        });
                         let frame = link::FileFrame::rs_data(id, offset, n, dev, done);
                         self.push_out(link, link::Out::File(frame), n).await;
                         return;
