@@ -467,6 +467,7 @@ async fn run_async(opts: DaemonOptions, ready: impl FnOnce()) -> Result<(), Stri
         peer_payloads: HashMap::new(),
         rs_out: HashMap::new(),
         rs_sent: Default::default(),
+        no_sendfile: false,
         rs_in: HashMap::new(),
         sync_side: None,
         sync_rate: (Instant::now(), 0, 0),
@@ -733,6 +734,9 @@ struct Actor {
     /// Resync requests whose `RsData` went out straight from the disk
     /// (`link::FileFrame`) before the core heard the read was done.
     rs_sent: std::collections::HashSet<u64>,
+    /// Set when sending resync data with `sendfile` failed on the disk's
+    /// side.
+    no_sendfile: bool,
     /// Resync data received, by request id, until written.
     rs_in: HashMap<u64, Payload>,
     /// The side of the resync running after the last batch.
@@ -982,10 +986,20 @@ impl Actor {
                         self.rs_sent.insert(id);
                         true
                     }
-                    (_, Err(e)) => {
+                    (_, Err(e)) if link::link_side(&e) => {
                         // The link's writer logs why it stopped; a frame
                         // dropped with its link needs no line of its own.
                         tracing::debug!("resync data not sent: {e}");
+                        false
+                    }
+                    (_, Err(e)) => {
+                        // The frame's header is out, so the link went down
+                        // with it. Reading first tells a disk error apart
+                        // before anything is sent (the peer then hears
+                        // `RsNegAck`), so the resync after the reconnect
+                        // reads instead of looping on the same error.
+                        error!("resync data could not be sent from the disk: {e}; resync reads go through memory from now on");
+                        self.no_sendfile = true;
                         false
                     }
                     _ => false,
@@ -1251,7 +1265,9 @@ impl Actor {
                         .ok()
                         .filter(|n| (link::SPLICE_MIN..=tandem_wire::MAX_DATA).contains(n));
                     let current = self.link.as_ref().is_some_and(|l| l.id == link);
-                    if let (Some(n), true, false) = (big, current, dev.is_direct()) {
+                    if let (Some(n), true, false) =
+                        (big, current, dev.is_direct() || self.no_sendfile)
+                    {
                         let tx = self.tx.clone();
                         let done = Box::new(move |r: io::Result<()>| {
                             // Called from the writer (or wherever the frame

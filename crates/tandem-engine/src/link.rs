@@ -155,10 +155,23 @@ impl FileFrame {
 
 impl Drop for FileFrame {
     fn drop(&mut self) {
-        self.finish(Err(io::Error::other(
+        self.finish(Err(io::Error::new(
+            io::ErrorKind::ConnectionAborted,
             "the link closed before the data was sent",
         )));
     }
+}
+
+/// Whether a failed [`FileFrame`] failed on the link's side (the socket, or
+/// the link going away) rather than on the disk's.
+pub fn link_side(e: &io::Error) -> bool {
+    matches!(
+        e.kind(),
+        io::ErrorKind::ConnectionAborted
+            | io::ErrorKind::ConnectionReset
+            | io::ErrorKind::BrokenPipe
+            | io::ErrorKind::NotConnected
+    )
 }
 
 /// Send a file frame's payload. `sendfile` waits for the disk on a page
@@ -193,7 +206,10 @@ async fn send_file_range(
                 Ok(n) => left -= n,
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
                     if abandoned.load(Ordering::Relaxed) {
-                        return Err(io::Error::other("the link closed"));
+                        return Err(io::Error::new(
+                            io::ErrorKind::ConnectionAborted,
+                            "the link closed",
+                        ));
                     }
                     let mut p = [PollFd::new(&fd, PollFlags::OUT)];
                     match poll(&mut p, Some(&interval)) {
