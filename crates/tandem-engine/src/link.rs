@@ -13,7 +13,7 @@
 
 use bytes::BytesMut;
 use std::io;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 use tandem_core::ConnState;
@@ -243,16 +243,45 @@ const PIPE_MAX: usize = 1 << 20;
 /// What one pipe slot holds at most.
 const PAGE: usize = 4096;
 
-/// The rest of a payload, held in a pipe until the write is started. Each
-/// holds at most [`PIPE_MAX`] bytes and two descriptors; how many exist at
-/// once is bounded like the payloads themselves, by the peer's writes in
-/// flight (the core's receive queue).
+/// The rest of a payload, held in a pipe until the write is done. Each
+/// holds one descriptor and at most about 1 MiB. The peer may have many
+/// more writes in flight than a process has descriptors to spare (the
+/// transfer log allows 32768), so at most [`MAX_PIPES`] exist at once in
+/// the process; payloads beyond that are read into memory as before.
 #[derive(Debug)]
 pub struct Piped {
     /// The pipe's read end.
     pub pipe: rustix::fd::OwnedFd,
     /// Bytes in it.
     pub len: usize,
+    /// Counts the pipe in [`PIPES`] until dropped.
+    _slot: PipeSlot,
+}
+
+/// Pipes holding payloads, at most.
+const MAX_PIPES: usize = 256;
+/// Pipes holding payloads now, in the whole process.
+static PIPES: AtomicUsize = AtomicUsize::new(0);
+
+/// One of the [`MAX_PIPES`], released when dropped.
+#[derive(Debug)]
+struct PipeSlot;
+
+impl PipeSlot {
+    fn take() -> Option<Self> {
+        PIPES
+            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| {
+                (n < MAX_PIPES).then_some(n + 1)
+            })
+            .ok()
+            .map(|_| PipeSlot)
+    }
+}
+
+impl Drop for PipeSlot {
+    fn drop(&mut self) {
+        PIPES.fetch_sub(1, Ordering::AcqRel);
+    }
 }
 
 struct Shared<T> {
@@ -651,6 +680,7 @@ async fn take_bulk_via(
     // into it.
     let pipe = (pipe_size > 0)
         .then(|| {
+            let slot = PipeSlot::take()?;
             let (r, w) = pipe_with(PipeFlags::CLOEXEC | PipeFlags::NONBLOCK).ok()?;
             // A pipe counts slots, not bytes, and a slot holds one page or
             // less: a payload sent with `sendfile` arrives a page per
@@ -665,13 +695,13 @@ async fn take_bulk_via(
             }
             let slots = head.len().div_ceil(PAGE) + rest.div_ceil(PAGE) + 2;
             let head_in = slots <= cap / PAGE && write_all_nonblocking(&w, &head);
-            Some((r, w, head_in))
+            Some((r, w, head_in, slot))
         })
         .flatten();
     // Bytes of the rest taken from the socket into the pipe.
     let mut spliced = 0;
     let mut spilled = None;
-    if let Some((r, w, head_in)) = pipe {
+    if let Some((r, w, head_in, slot)) = pipe {
         let sock: &TcpStream = reader.get_ref().as_ref();
         let mut full = false;
         while spliced < rest {
@@ -717,7 +747,14 @@ async fn take_bulk_via(
                     *data = head;
                 }
             }
-            return Ok((msg, Some(Piped { pipe: r, len })));
+            return Ok((
+                msg,
+                Some(Piped {
+                    pipe: r,
+                    len,
+                    _slot: slot,
+                }),
+            ));
         }
         spilled = Some((r, head_in));
     }
@@ -991,6 +1028,32 @@ mod bulk_tests {
             reader.next_frame(SPLICE_MIN).await.unwrap(),
             Some(Frame::Whole(Message::Ping))
         ));
+        let mut s = late.await.unwrap();
+        // With every pipe slot taken, a payload is read into memory.
+        let held: Vec<PipeSlot> = std::iter::from_fn(PipeSlot::take).collect();
+        assert_eq!(held.len(), MAX_PIPES);
+        let data = pattern(600_000, 11);
+        let mut buf = BytesMut::new();
+        tandem_wire::encode(
+            &Message::RsData {
+                id: 11,
+                offset: 0,
+                data: data.clone(),
+            },
+            &mut buf,
+        );
+        let late = tokio::spawn(async move {
+            s.write_all(&buf).await.unwrap();
+            s
+        });
+        let Some(Frame::Bulk { head, rest }) = reader.next_frame(SPLICE_MIN).await.unwrap() else {
+            panic!("expected a bulk frame");
+        };
+        let (mut msg, piped) = take_bulk(&mut reader, head, rest).await.unwrap();
+        assert!(piped.is_none(), "no pipe beyond MAX_PIPES");
+        assert!(bulk_data(&mut msg).unwrap() == &data);
+        drop(held);
+        assert!(PipeSlot::take().is_some(), "slots come back when released");
         drop(late.await.unwrap());
     }
 }
