@@ -335,23 +335,11 @@ impl Inner {
         len: usize,
         fua: bool,
     ) -> io::Result<()> {
-        let drain = |buf: &mut [u8]| -> io::Result<()> {
-            let mut at = 0;
-            while at < buf.len() {
-                match rustix::io::read(pipe, &mut buf[at..]) {
-                    Ok(0) | Err(Errno::AGAIN) => return Err(pipe_ran_dry(len, at)),
-                    Ok(n) => at += n,
-                    Err(Errno::INTR) => {}
-                    Err(e) => return Err(e.into()),
-                }
-            }
-            Ok(())
-        };
         if self.direct.is_some() {
             let mut all = Vec::with_capacity(head.len() + len);
             all.extend_from_slice(head);
             all.resize(head.len() + len, 0);
-            drain(&mut all[head.len()..])?;
+            read_pipe_exact(pipe, &mut all[head.len()..])?;
             return self.write(offset, &all, fua);
         }
         self.write_all(&self.file, head, offset, false)?;
@@ -550,9 +538,7 @@ impl FileDevice {
         })
         .await
     }
-}
 
-impl FileDevice {
     /// Whether reads and writes go around the page cache (O_DIRECT); then
     /// `sendfile_to`, which reads through it, should not be used.
     pub fn is_direct(&self) -> bool {
@@ -580,6 +566,22 @@ impl FileDevice {
             Err(e) => Err(e.into()),
         }
     }
+}
+
+/// Fill `buf` from a pipe that already holds at least that many bytes;
+/// an error if it holds fewer (a non-blocking pipe runs dry rather than
+/// waiting).
+pub fn read_pipe_exact(pipe: &OwnedFd, buf: &mut [u8]) -> io::Result<()> {
+    let mut at = 0;
+    while at < buf.len() {
+        match rustix::io::read(pipe, &mut buf[at..]) {
+            Ok(0) | Err(Errno::AGAIN) => return Err(pipe_ran_dry(buf.len(), at)),
+            Ok(n) => at += n,
+            Err(Errno::INTR) => {}
+            Err(e) => return Err(e.into()),
+        }
+    }
+    Ok(())
 }
 
 fn pipe_ran_dry(len: usize, moved: usize) -> io::Error {

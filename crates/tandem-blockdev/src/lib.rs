@@ -16,7 +16,7 @@ mod aligned;
 pub mod file;
 
 pub use aligned::AlignedBuf;
-pub use file::{FileDevice, FileOptions, OpenError};
+pub use file::{read_pipe_exact, FileDevice, FileOptions, OpenError};
 
 use bytes::Bytes;
 use std::future::Future;

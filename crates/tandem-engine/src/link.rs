@@ -694,7 +694,12 @@ async fn take_bulk_via(
                 return None;
             }
             let slots = head.len().div_ceil(PAGE) + rest.div_ceil(PAGE) + 2;
-            let head_in = slots <= cap / PAGE && write_all_nonblocking(&w, &head);
+            let head_in = slots <= cap / PAGE;
+            // Part of the head in the pipe would put the payload's bytes
+            // out of order: then no pipe at all.
+            if head_in && !write_all_nonblocking(&w, &head) {
+                return None;
+            }
             Some((r, w, head_in, slot))
         })
         .flatten();
@@ -775,15 +780,7 @@ async fn take_bulk_via(
     if let Some((r, _)) = &spilled {
         let start = all.len();
         all.resize(start + in_pipe, 0);
-        let mut at = start;
-        while at < all.len() {
-            match rustix::io::read(r, &mut all[at..]) {
-                Ok(0) => return Err(io::Error::other("pipe ran dry")),
-                Ok(n) => at += n,
-                Err(rustix::io::Errno::INTR) => {}
-                Err(e) => return Err(e.into()),
-            }
-        }
+        tandem_blockdev::read_pipe_exact(r, &mut all[start..])?;
     }
     let start = all.len();
     all.resize(head.len() + rest, 0);
@@ -970,14 +967,8 @@ mod bulk_tests {
                 piped_cases += 1;
                 let start = all.len();
                 all.resize(start + p.len, 0);
-                let mut at = start;
-                while at < all.len() {
-                    match rustix::io::read(&p.pipe, &mut all[at..]) {
-                        Ok(0) => panic!("case {i}: pipe ran dry"),
-                        Ok(k) => at += k,
-                        Err(e) => panic!("case {i}: reading the pipe: {e}"),
-                    }
-                }
+                tandem_blockdev::read_pipe_exact(&p.pipe, &mut all[start..])
+                    .unwrap_or_else(|e| panic!("case {i}: reading the pipe: {e}"));
             }
             assert_eq!(all.len(), n, "case {i}: payload length");
             assert!(all == pattern(n, i as u8), "case {i}: payload bytes differ");
