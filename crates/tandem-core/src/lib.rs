@@ -462,6 +462,9 @@ pub enum Action {
     RunHandler(&'static str),
     /// Run the `fence-peer` handler and answer [`Event::FenceDone`].
     FencePeer,
+    /// The failed disk is given up (`on-io-error = "detach"`): close the
+    /// metadata and release the disk as `detach` does.
+    DetachDisk,
     /// Send a frame on the current link.
     Send(Packet),
     /// Answer a client request.
@@ -538,6 +541,26 @@ pub struct Config {
     /// `csums-alg`: as SyncTarget, send block digests and receive only the
     /// blocks that differ.
     pub csums: bool,
+    /// `on-io-error`: what a local disk error does beyond failing the I/O.
+    pub on_io_error: IoErrorPolicy,
+}
+
+/// `on-io-error`. Whatever the policy, the failed I/O itself is reported
+/// (a client gets EIO, the peer a negative ack) and its range is marked
+/// out of sync.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum IoErrorPolicy {
+    /// The disk goes Failed, then Diskless once its I/O in flight is done;
+    /// the peer starts a new generation and tracks what this node misses.
+    /// A Primary cannot (tandem does not read through the peer): it
+    /// passes the error on instead and says so.
+    #[default]
+    Detach,
+    /// The disk stays attached; a Secondary's goes Inconsistent, so that
+    /// it is not promoted over holes and is resynced on the next connect.
+    PassOn,
+    /// Run the `local-io-error` handler, then as [`IoErrorPolicy::PassOn`].
+    CallLocalIoError,
 }
 
 /// What the metadata said when the disk was attached.
@@ -756,6 +779,9 @@ pub struct Core {
     last_verify: Option<u64>,
     /// The `fence-peer` handler runs; new writes wait for it.
     fencing: bool,
+    /// A local I/O error of the attached disk was handled: the policy acts
+    /// once per disk, not once per failed request.
+    io_error: bool,
     /// Application I/O seen since the last tick / in the last tick.
     app_seen: bool,
     app_active: bool,
@@ -797,6 +823,7 @@ impl Core {
             verify: None,
             last_verify: None,
             fencing: false,
+            io_error: false,
             app_seen: false,
             app_active: false,
             source_budget: 0,
@@ -946,11 +973,12 @@ impl Core {
             DiskState::Consistent => !connected,
             _ => false,
         };
+        // `--force` cannot help a node without a disk: say so first.
+        if no_disk(self.disk) {
+            return Err(Refusal::Other("refusing to promote: no local disk".into()));
+        }
         if !usable && !force {
             return Err(Refusal::NoUpToDateData);
-        }
-        if matches!(self.disk, DiskState::Diskless | DiskState::Failed) {
-            return Err(Refusal::Other("refusing to promote: no local disk".into()));
         }
         if matches!(&self.sync, Some(s) if s.side == SyncSide::Target) {
             return Err(Refusal::Other(
@@ -1045,6 +1073,11 @@ impl Core {
         if self.disk == DiskState::Diskless {
             return Ok(());
         }
+        if self.disk == DiskState::Failed {
+            return Err(Refusal::Other(
+                "the disk failed and is detached as soon as its I/O in flight is done".into(),
+            ));
+        }
         if self.role == Role::Primary {
             return Err(Refusal::Other(
                 "refusing to detach: this node is Primary (demote it first)".into(),
@@ -1073,6 +1106,7 @@ impl Core {
         self.gens = attached.gens;
         self.flags = attached.flags;
         self.disk = disk_from_flags(attached.flags);
+        self.io_error = false;
         if let Some(link) = self.link {
             out.push(Action::Disconnect {
                 reason: "renegotiating after attach".into(),
@@ -1295,6 +1329,7 @@ impl Core {
                 "activity log update failed; write at {offset}+{len} refused"
             )));
             self.finish(req, out);
+            self.local_io_error("an activity log update", out);
             return;
         }
         if replicate {
@@ -1396,6 +1431,22 @@ impl Core {
     }
 
     fn local_done(&mut self, op: OpId, ok: bool, out: &mut Vec<Action>) {
+        if !ok {
+            let what = match op {
+                OpId::Client(_) => Some("an application request"),
+                OpId::Peer { .. } => Some("a write from the peer"),
+                OpId::PeerBarrier { .. } => Some("a flush for the peer's barrier"),
+                OpId::Resync { .. } => Some("a resync write"),
+                OpId::ResyncFlush { .. } => Some("a resync flush"),
+                OpId::ResyncRead { .. } => Some("a resync read"),
+                // Digests only compare; a read that fails there is retried
+                // by the resync or verify that follows.
+                OpId::VerifyRead { .. } | OpId::CsumRead { .. } => None,
+            };
+            if let Some(what) = what {
+                self.local_io_error(what, out);
+            }
+        }
         self.counters.local_pending = self.counters.local_pending.saturating_sub(1);
         match op {
             OpId::Client(req) => {
@@ -1444,6 +1495,13 @@ impl Core {
             OpId::VerifyRead { .. } | OpId::CsumRead { .. } => {}
             OpId::Peer { link, seq } => {
                 if let Some(range) = self.rx.inflight.remove(&op) {
+                    if !ok {
+                        // This disk may hold anything there now; the peer
+                        // marks it too when the negative ack arrives.
+                        out.push(Action::MarkOutOfSync {
+                            range: range.clone(),
+                        });
+                    }
                     self.counters.disk_written += range.end - range.start;
                     if self.link == Some(link) {
                         out.push(Action::Send(if ok {
@@ -1679,7 +1737,7 @@ impl Core {
                     );
                     return;
                 }
-                if self.disk == DiskState::Diskless {
+                if matches!(self.disk, DiskState::Diskless | DiskState::Failed) {
                     // Nowhere to write it: the sender marks it out of sync.
                     out.push(Action::Send(Packet::NegAck(seq)));
                     return;
@@ -2002,18 +2060,19 @@ impl Core {
                     out,
                 );
             }
-            let (rule, decision) =
-                if self.disk == DiskState::Diskless || report.disk == DiskState::Diskless {
-                    // No data on one side: nothing to compare.
-                    (gi::Rule::Equal, gi::Decision::NoSync)
-                } else {
-                    gi::compare(&self.gens, &report.gens)
-                };
-            let decision = if rule == gi::Rule::Equal && decision == gi::Decision::NoSync {
-                self.equal_direction(&report)
+            let (rule, decision) = if no_disk(self.disk) || no_disk(report.disk) {
+                // No data on one side: nothing to compare.
+                (gi::Rule::Equal, gi::Decision::NoSync)
             } else {
-                decision
+                gi::compare(&self.gens, &report.gens)
             };
+            let diskless = no_disk(self.disk) || no_disk(report.disk);
+            let decision =
+                if rule == gi::Rule::Equal && decision == gi::Decision::NoSync && !diskless {
+                    self.equal_direction(&report)
+                } else {
+                    decision
+                };
             out.push(Action::Log(format!(
                 "generations: mine {}, peer {}: rule {}",
                 fmt_gens(&self.gens),
@@ -2099,10 +2158,7 @@ impl Core {
                 out,
             );
         }
-        if report.disk == DiskState::Diskless
-            && self.peer_disk != DiskState::Diskless
-            && self.role == Role::Primary
-        {
+        if no_disk(report.disk) && !no_disk(self.peer_disk) && self.role == Role::Primary {
             // Invariant 5: from here on the peer's disk misses writes; when
             // it comes back the generations must say so.
             self.new_current_uuid(out);
@@ -2203,6 +2259,75 @@ impl Core {
         self.set_disk(DiskState::UpToDate, out);
     }
 
+    /// A local data I/O failed: apply `on-io-error`, once per attached
+    /// disk (the failed request's own bookkeeping is done by its caller).
+    fn local_io_error(&mut self, what: &str, out: &mut Vec<Action>) {
+        if self.io_error || no_disk(self.disk) {
+            return;
+        }
+        self.io_error = true;
+        let policy = self.cfg.on_io_error;
+        if policy == IoErrorPolicy::CallLocalIoError {
+            out.push(Action::RunHandler("local-io-error"));
+        }
+        if policy == IoErrorPolicy::Detach && self.role != Role::Primary {
+            out.push(Action::Log(format!(
+                "local disk error in {what}; on-io-error = detach: the disk is Failed and is detached once its I/O in flight is done"
+            )));
+            self.disk = DiskState::Failed;
+            self.send_state(out);
+            // Writes this disk took but has not made stable may be lost
+            // with it, and only a link drop makes the peer mark them (its
+            // unacknowledged epochs); it also ends a resync on both sides.
+            // The reconnect then finds this node without a disk.
+            out.push(Action::Disconnect {
+                reason: "the local disk failed; reconnecting without it".into(),
+                standalone: false,
+            });
+            self.detach_failed(out);
+            return;
+        }
+        let name = match policy {
+            IoErrorPolicy::Detach => "detach (a Primary cannot detach: tandem does not read through its peer; fail over to it)",
+            IoErrorPolicy::PassOn => "pass_on",
+            IoErrorPolicy::CallLocalIoError => "call-local-io-error (handler started)",
+        };
+        if self.role == Role::Primary {
+            out.push(Action::Log(format!(
+                "local disk error in {what}; on-io-error = {name}: failed requests get EIO and their ranges are marked out of sync"
+            )));
+            return;
+        }
+        out.push(Action::Log(format!(
+            "local disk error in {what}; on-io-error = {name}: the disk is Inconsistent until a resync"
+        )));
+        if matches!(
+            self.disk,
+            DiskState::UpToDate | DiskState::Consistent | DiskState::Outdated
+        ) {
+            self.set_disk(DiskState::Inconsistent, out);
+            self.send_state(out);
+        }
+    }
+
+    /// A Failed disk with nothing of it in flight any more is detached.
+    pub(crate) fn detach_failed(&mut self, out: &mut Vec<Action>) {
+        let idle = self.rx.inflight.is_empty()
+            && self.rx.queue.is_empty()
+            && self.rx.flushing.is_none()
+            && self.rx.stabilizing.is_empty()
+            && self.sync.is_none();
+        if self.disk != DiskState::Failed || !idle {
+            return;
+        }
+        self.disk = DiskState::Diskless;
+        out.push(Action::DetachDisk);
+        out.push(Action::Log(
+            "the failed disk is detached: this node is Diskless (attach a repaired disk with `attach`)".into(),
+        ));
+        self.send_state(out);
+    }
+
     fn set_disk(&mut self, disk: DiskState, out: &mut Vec<Action>) {
         self.disk = disk;
         let (set, clear) = match disk {
@@ -2221,6 +2346,12 @@ impl Core {
             out.push(Action::PersistFlags { set, clear });
         }
     }
+}
+
+/// No local data to read, compare or write: detached, or failed and being
+/// detached.
+fn no_disk(d: DiskState) -> bool {
+    matches!(d, DiskState::Diskless | DiskState::Failed)
 }
 
 /// The disk state a disk attaches in, from its superblock flags.

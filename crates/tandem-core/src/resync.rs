@@ -267,7 +267,7 @@ impl Core {
             ));
         }
         self.no_sync_running()?;
-        if self.disk == DiskState::Diskless {
+        if no_disk(self.disk) {
             return Err(Refusal::Other(
                 "refusing to invalidate: no local disk".into(),
             ));
@@ -809,6 +809,7 @@ impl Core {
     /// SyncTarget, request more, flush what was written, or finish.
     pub fn pump(&mut self, bm: &dyn OutOfSync, out: &mut Vec<Action>) {
         self.local_oos = bm.dirty_bytes();
+        self.detach_failed(out);
         self.pump_verify(out);
         let Some(link) = self.link else { return };
         // Nothing below matters on the write path without a target resync.

@@ -24,6 +24,14 @@ struct Node {
 
 impl Node {
     fn new(protocol: Protocol, attached: Attached, seed: u64) -> Node {
+        Node::with_policy(protocol, attached, seed, IoErrorPolicy::Detach)
+    }
+    fn with_policy(
+        protocol: Protocol,
+        attached: Attached,
+        seed: u64,
+        on_io_error: IoErrorPolicy,
+    ) -> Node {
         let mut core = Core::new(
             Config {
                 protocol,
@@ -34,6 +42,7 @@ impl Node {
                 split_brain: SplitBrainPolicy::default(),
                 fencing: seed >= 100,
                 csums: false,
+                on_io_error,
             },
             attached,
             seed,
@@ -849,4 +858,139 @@ fn resource_only_fencing_holds_writes_until_fence_peer_answers() {
         clear: 0
     }));
     assert_eq!(a.core.peer_disk(), DiskState::Outdated);
+}
+
+/// A bitmap with nothing set, for `pump`.
+struct Clean;
+
+impl OutOfSync for Clean {
+    fn dirty_bytes(&self) -> u64 {
+        0
+    }
+    fn next_dirty(&self, _from: u64, _max: u64) -> Option<Range<u64>> {
+        None
+    }
+}
+
+/// `on-io-error` on the Secondary. Whatever the policy, a peer write that
+/// fails is negatively acknowledged and marked out of sync on both nodes.
+/// `detach` makes the disk Failed, drops the link (so the Primary marks
+/// every write not yet stable there) and, with nothing in flight, detaches
+/// it: Diskless. `pass_on` and `call-local-io-error` keep the disk but make
+/// it Inconsistent, so it is neither promoted nor trusted before a resync;
+/// the handler runs once per disk, not per failed write.
+#[test]
+fn a_disk_error_on_the_secondary_follows_on_io_error() {
+    for policy in [
+        IoErrorPolicy::Detach,
+        IoErrorPolicy::PassOn,
+        IoErrorPolicy::CallLocalIoError,
+    ] {
+        let mut a = Node::with_policy(Protocol::C, attached_up_to_date(0xAAA0), 1, policy);
+        let mut b = Node::with_policy(Protocol::C, attached_up_to_date(0xAAA0), 2, policy);
+        connect(&mut a, &mut b);
+        a.core.promote(false, &mut a.actions).unwrap();
+        exchange(&mut a, &mut b);
+        let mut b_acts = Vec::new();
+        for (req, offset) in [(1, 0), (2, 8192)] {
+            if policy == IoErrorPolicy::Detach && req == 2 {
+                // The link is dropped at the first error.
+                break;
+            }
+            a.feed(write(req, offset));
+            for p in sends(&a.take_after_al()) {
+                b.feed(Event::Packet { link: 1, packet: p });
+            }
+            let peer_op = b
+                .take()
+                .iter()
+                .find_map(|x| match x {
+                    Action::LocalWrite { op, .. } if matches!(op, OpId::Peer { .. }) => Some(*op),
+                    _ => None,
+                })
+                .unwrap_or_else(|| panic!("{policy:?}: no peer write on b"));
+            b.feed(Event::LocalDone {
+                op: peer_op,
+                ok: false,
+            });
+            let acts = b.take();
+            let OpId::Peer { seq, .. } = peer_op else {
+                unreachable!()
+            };
+            assert!(
+                sends(&acts).contains(&Packet::NegAck(seq)),
+                "{policy:?}: {acts:?}"
+            );
+            assert!(
+                acts.contains(&Action::MarkOutOfSync {
+                    range: offset..offset + 4096
+                }),
+                "{policy:?}: {acts:?}"
+            );
+            for p in sends(&acts) {
+                a.feed(Event::Packet { link: 1, packet: p });
+            }
+            b_acts.extend(acts);
+        }
+        let handlers = b_acts
+            .iter()
+            .filter(|x| **x == Action::RunHandler("local-io-error"))
+            .count();
+        let dropped = b_acts
+            .iter()
+            .any(|x| matches!(x, Action::Disconnect { .. }));
+        match policy {
+            IoErrorPolicy::Detach => {
+                assert_eq!(b.core.disk(), DiskState::Failed);
+                assert!(dropped, "{b_acts:?}");
+                b.feed(Event::LinkDown {
+                    link: 1,
+                    cause: ConnState::NetworkFailure,
+                });
+                let mut out = Vec::new();
+                b.core.pump(&Clean, &mut out);
+                assert!(out.contains(&Action::DetachDisk), "{out:?}");
+                assert_eq!(b.core.disk(), DiskState::Diskless);
+                assert_eq!(handlers, 0);
+            }
+            IoErrorPolicy::PassOn | IoErrorPolicy::CallLocalIoError => {
+                assert_eq!(b.core.disk(), DiskState::Inconsistent, "{policy:?}");
+                assert!(!dropped, "{policy:?}: {b_acts:?}");
+                exchange(&mut a, &mut b);
+                assert_eq!(a.core.peer_disk(), DiskState::Inconsistent);
+                let want = usize::from(policy == IoErrorPolicy::CallLocalIoError);
+                assert_eq!(handlers, want, "{policy:?}: {b_acts:?}");
+            }
+        }
+    }
+}
+
+/// A Primary cannot detach (it would have to read through its peer): its
+/// failed write gets EIO and is marked out of sync, the disk stays
+/// UpToDate and the link up; a log line says why it did not detach.
+#[test]
+fn a_disk_error_on_the_primary_is_passed_on() {
+    let (mut a, mut b) = pair(Protocol::C);
+    a.core.promote(false, &mut a.actions).unwrap();
+    exchange(&mut a, &mut b);
+    a.feed(write(1, 0));
+    let acts = a.take_after_al();
+    let op = OpId::Client(1);
+    assert!(acts
+        .iter()
+        .any(|x| matches!(x, Action::LocalWrite { op: o, .. } if *o == op)));
+    a.actions.extend(acts);
+    a.feed(Event::LocalDone { op, ok: false });
+    let (ka, _) = exchange(&mut a, &mut b);
+    assert!(
+        ka.contains(&Action::MarkOutOfSync { range: 0..4096 }),
+        "{ka:?}"
+    );
+    assert_eq!(completed(&ka), vec![(1, Err(IoFailure::Io))]);
+    assert!(ka
+        .iter()
+        .any(|x| matches!(x, Action::Log(l) if l.contains("a Primary cannot detach"))));
+    assert!(!ka.iter().any(|x| matches!(x, Action::Disconnect { .. })));
+    assert_eq!(a.core.disk(), DiskState::UpToDate);
+    assert_eq!(a.core.cstate(), ConnState::Connected);
 }

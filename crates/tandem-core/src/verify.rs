@@ -45,7 +45,7 @@ impl Core {
         if self.verify.is_some() {
             return Err(Refusal::Other("a verify is running already".into()));
         }
-        if self.disk == DiskState::Diskless || self.peer_disk == DiskState::Diskless {
+        if no_disk(self.disk) || no_disk(self.peer_disk) {
             return Err(Refusal::Other("verify needs a disk on both nodes".into()));
         }
         self.verify = Some(Verify {

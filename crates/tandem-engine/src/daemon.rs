@@ -21,8 +21,8 @@ use std::time::{Duration, Instant, SystemTime};
 use tandem_blockdev::{BlockDevice, Capabilities, Extent, FileDevice, FileOptions, ZeroFlags};
 use tandem_config::{MetaDisk, ResourceConfig};
 use tandem_core::{
-    fmt_gens, Action, Attached, ConnState, Core, DiskState, Event, IoFailure, OpId, Packet,
-    Protocol, ReqId, Role, WriteKind,
+    fmt_gens, Action, Attached, ConnState, Core, DiskState, Event, IoErrorPolicy, IoFailure, OpId,
+    Packet, Protocol, ReqId, Role, WriteKind,
 };
 use tandem_meta::{FileIo, Metadata, Placement};
 use tandem_nbd::{Gate, ListenAddr, Listener, ServerConfig, ServerStats};
@@ -323,6 +323,11 @@ async fn run_async(opts: DaemonOptions, ready: impl FnOnce()) -> Result<(), Stri
             split_brain: split_brain_policy(&cfg.net, &me.name),
             fencing: cfg.net.fencing,
             csums: cfg.net.csums,
+            on_io_error: match cfg.disk.on_io_error {
+                tandem_config::OnIoError::Detach => IoErrorPolicy::Detach,
+                tandem_config::OnIoError::PassOn => IoErrorPolicy::PassOn,
+                tandem_config::OnIoError::CallLocalIoError => IoErrorPolicy::CallLocalIoError,
+            },
         },
         Attached {
             gens: md.generations(),
@@ -812,6 +817,13 @@ impl Actor {
             return Response::refused(e.to_string());
         }
         self.execute(out).await;
+        self.release_disk("by the operator");
+        Response::ok("")
+    }
+
+    /// Close the metadata and drop the disk (its lock with it); I/O still
+    /// running holds its own handle and finishes.
+    fn release_disk(&mut self, why: &str) {
         if let Some(md) = self.md.take() {
             if let Err(e) = md.close() {
                 error!("closing the metadata on detach failed: {e}");
@@ -820,8 +832,7 @@ impl Actor {
         if let Ok(mut g) = self.slot.write() {
             *g = None;
         }
-        info!("detached {}", self.disk_path.display());
-        Response::ok("")
+        info!("detached {} {why}", self.disk_path.display());
     }
 
     /// `attach`: open the disk and its metadata again (as `up` does).
@@ -1400,6 +1411,7 @@ impl Actor {
             }
             Action::Log(s) => info!("{s}"),
             Action::RunHandler(name) => self.run_handler(name),
+            Action::DetachDisk => self.release_disk("after a local disk error"),
             Action::FencePeer => match self.spawn_handler("fence-peer") {
                 Some(child) => {
                     let tx = self.tx.clone();

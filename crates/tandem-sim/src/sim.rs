@@ -7,8 +7,8 @@ use std::collections::{BTreeMap, BTreeSet, VecDeque};
 use std::fmt;
 use std::ops::Range;
 use tandem_core::{
-    Action, Attached, Config, ConnState, Core, DiskState, Event, OpId, Packet, Protocol, ReqId,
-    Role, WriteKind,
+    Action, Attached, Config, ConnState, Core, DiskState, Event, IoErrorPolicy, OpId, Packet,
+    Protocol, ReqId, Role, WriteKind,
 };
 use tandem_meta::layout::md_size_for;
 use tandem_meta::superblock::flags;
@@ -286,6 +286,8 @@ pub struct Stats {
     pub diff_blocks: u64,
     /// Blocks marked by activity-log replay after crashes.
     pub replay_marked_blocks: u64,
+    /// Disks detached after a disk error (`on-io-error = "detach"`).
+    pub detaches: u64,
 }
 
 impl Stats {
@@ -320,7 +322,8 @@ impl Stats {
             split_brain_checks,
             diff_checks,
             diff_blocks,
-            replay_marked_blocks
+            replay_marked_blocks,
+            detaches
         );
     }
 }
@@ -334,7 +337,7 @@ impl fmt::Display for Stats {
              daemon crashes {}, machine crashes {}, promotions {}, demotions {}, rogue promotions {}, \
              split brains {}, repairs {}, resyncs {}, verifies {}, invalidates {}, AL busy {}, peer completion checks {}, peer flush checks {}, \
              split-brain checks {}, disk comparisons {} ({} differing blocks, all marked), \
-             blocks marked by AL replay {}",
+             blocks marked by AL replay {}, disks detached after errors {}",
             self.runs,
             self.steps,
             self.writes_submitted,
@@ -362,7 +365,8 @@ impl fmt::Display for Stats {
             self.split_brain_checks,
             self.diff_checks,
             self.diff_blocks,
-            self.replay_marked_blocks
+            self.replay_marked_blocks,
+            self.detaches
         )
     }
 }
@@ -762,6 +766,13 @@ impl Sim {
                 split_brain: self.opts.split_brain,
                 fencing: self.seed % 2 == 1,
                 csums: self.seed % 4 >= 2,
+                // Disk errors pass the error on for half the seeds and
+                // detach the disk for the rest.
+                on_io_error: if self.seed % 8 >= 4 {
+                    IoErrorPolicy::Detach
+                } else {
+                    IoErrorPolicy::PassOn
+                },
             },
             attached,
             self.rng.next_u64(),
@@ -978,6 +989,8 @@ impl Sim {
                 self.meta(r)?;
             }
             Action::RunHandler(_) => {}
+            // The model keeps the metadata open; a restart attaches again.
+            Action::DetachDisk => self.stats.detaches += 1,
             // The handler outdates the peer (it answers at the next pump).
             Action::FencePeer => self
                 .queue
@@ -1314,9 +1327,15 @@ impl Sim {
             && node.clients.len() < MAX_IN_FLIGHT
     }
 
+    /// The link a write submitted now is replicated on: none while the
+    /// peer has no disk to write it to (it detached after a disk error).
     fn sub_link(&self, n: usize) -> Option<u64> {
         let node = &self.nodes[n];
-        if node.cstate().is_some_and(ConnState::is_connected) {
+        let peer_has_disk = node
+            .core
+            .as_ref()
+            .is_some_and(|c| !matches!(c.peer_disk(), DiskState::Diskless | DiskState::Failed));
+        if node.cstate().is_some_and(ConnState::is_connected) && peer_has_disk {
             node.core_link
         } else {
             None

@@ -87,6 +87,7 @@ fn assert_explores(s: &Stats, seeds: u64) {
         ("peer flush checks", s.peer_flush_checks),
         ("differing blocks compared", s.diff_blocks),
         ("blocks marked by AL replay", s.replay_marked_blocks),
+        ("disks detached after errors", s.detaches),
     ];
     for (what, v) in checks {
         assert!(v > 0, "no {what} in {seeds} seeds: {s}");
