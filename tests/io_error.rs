@@ -204,6 +204,8 @@ fn a_failing_secondary_disk_is_detached_and_attach_resyncs_it() {
     let log = pair.log(Beta);
     assert!(log.contains("on-io-error = detach"), "{log}");
     assert!(log.contains("this node is Diskless"), "{log}");
+    let log = pair.log(Alpha);
+    assert!(log.contains("not compared (a node has no disk)"), "{log}");
     // The Primary goes on serving, writes and reads.
     write_through_alpha(&pair, 16 * MIB, 2 * MIB, 0x33);
     assert!(read_through_alpha(&pair, 8 * MIB, 4 * MIB)

@@ -2060,13 +2060,13 @@ impl Core {
                     out,
                 );
             }
-            let (rule, decision) = if no_disk(self.disk) || no_disk(report.disk) {
-                // No data on one side: nothing to compare.
+            // No data on one side: nothing to compare, nothing to resync.
+            let diskless = no_disk(self.disk) || no_disk(report.disk);
+            let (rule, decision) = if diskless {
                 (gi::Rule::Equal, gi::Decision::NoSync)
             } else {
                 gi::compare(&self.gens, &report.gens)
             };
-            let diskless = no_disk(self.disk) || no_disk(report.disk);
             let decision =
                 if rule == gi::Rule::Equal && decision == gi::Decision::NoSync && !diskless {
                     self.equal_direction(&report)
@@ -2074,10 +2074,14 @@ impl Core {
                     decision
                 };
             out.push(Action::Log(format!(
-                "generations: mine {}, peer {}: rule {}",
+                "generations: mine {}, peer {}: {}",
                 fmt_gens(&self.gens),
                 fmt_gens(&report.gens),
-                rule.name()
+                if diskless {
+                    "not compared (a node has no disk)".to_string()
+                } else {
+                    format!("rule {}", rule.name())
+                }
             )));
             let decision = match decision {
                 gi::Decision::SplitBrain => {
