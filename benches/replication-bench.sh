@@ -811,6 +811,17 @@ done
 # resync-rate is set far above what the disks sustain (unthrottled); with no
 # client I/O the dynamic controller does not slow it down.
 now_ns() { date +%s%N; }
+# wait_log_count FILE PATTERN N: poll until FILE has N lines with PATTERN
+# (10 ms steps, 120 s).
+wait_log_count() {
+  local i
+  for ((i = 0; i < 12000; i++)); do
+    [ "$(grep -c "$2" "$1" || true)" -ge "$3" ] && return 0
+    sleep 0.01
+  done
+  log "$1: fewer than $3 lines with '$2' after 120 s"
+  return 1
+}
 : >"$run_dir/resync.tsv"
 if [ "$resync" -eq 1 ]; then
   for r in "${rtt_list[@]}"; do
@@ -821,8 +832,12 @@ if [ "$resync" -eq 1 ]; then
     if start_pair "$cell" C "$r" $'[disk]\nresync-rate = "4GiB"\n'; then
       sync
       cat "$img_alpha" "$img_beta" >/dev/null
+      before=$(grep -c "resync finished" "$cell/beta.log" || true)
       t0=$(now_ns)
+      # beta's dstate still reads UpToDate/UpToDate until alpha's SyncStart
+      # arrives, half a round trip later: wait for beta's own line.
       if tcli "$cell" alpha invalidate-remote r0 >>"$cell/cli.log" &&
+        wait_log_count "$cell/beta.log" "resync finished" $((before + 1)) &&
         wait_state "$cell" beta dstate UpToDate/UpToDate; then
         t1=$(now_ns)
         secs=$(python3 -c "print(f'{($t1 - $t0) / 1e9:.3f}')")
