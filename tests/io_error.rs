@@ -48,6 +48,10 @@ impl FailingDisk {
         self.dir.path().join("fail-writes")
     }
 
+    fn read_trigger(&self) -> PathBuf {
+        self.dir.path().join("fail-reads")
+    }
+
     fn mountpoint(&self) -> PathBuf {
         self.dir.path().join("mnt")
     }
@@ -64,6 +68,11 @@ impl FailingDisk {
                 .arg(format!("file={}", backing.display()))
                 .args(["error-pwrite=EIO", "error-pwrite-rate=100%"])
                 .arg(format!("error-pwrite-file={}", self.trigger().display()))
+                .args(["error-pread=EIO", "error-pread-rate=100%"])
+                .arg(format!(
+                    "error-pread-file={}",
+                    self.read_trigger().display()
+                ))
                 .stdout(Stdio::null())
                 .stderr(log)
                 .spawn()
@@ -104,11 +113,19 @@ impl FailingDisk {
     }
 
     fn fail_writes(&self, on: bool) {
-        if on {
-            std::fs::write(self.trigger(), b"").unwrap();
-        } else {
-            std::fs::remove_file(self.trigger()).unwrap();
-        }
+        toggle(&self.trigger(), on);
+    }
+
+    fn fail_reads(&self, on: bool) {
+        toggle(&self.read_trigger(), on);
+    }
+}
+
+fn toggle(trigger: &Path, on: bool) {
+    if on {
+        std::fs::write(trigger, b"").unwrap();
+    } else {
+        std::fs::remove_file(trigger).unwrap();
     }
 }
 
@@ -136,16 +153,26 @@ fn pair_on_failing_disk(
     extra_disk: &'static str,
     extra_toml: String,
 ) -> (Pair, PathBuf) {
+    pair_with_failing(disk, Beta, extra_disk, extra_toml)
+}
+
+/// As [`pair_on_failing_disk`], with `node`'s disk behind `disk`.
+fn pair_with_failing(
+    disk: &mut FailingDisk,
+    node: pair::Node,
+    extra_disk: &'static str,
+    extra_toml: String,
+) -> (Pair, PathBuf) {
     let pair = Pair::create(PairOptions {
         disk_size: 64 * MIB,
         extra_disk,
         extra_toml,
         ..PairOptions::default()
     });
-    let real = pair.scratch().join("beta-real.img");
-    std::fs::rename(pair.disk(Beta), &real).unwrap();
+    let real = pair.scratch().join(format!("{node}-real.img"));
+    std::fs::rename(pair.disk(node), &real).unwrap();
     let file = disk.serve(&real);
-    std::os::unix::fs::symlink(&file, pair.disk(Beta)).unwrap();
+    std::os::unix::fs::symlink(&file, pair.disk(node)).unwrap();
     pair.up(Alpha);
     pair.up(Beta);
     pair.wait_for(Alpha, "cstate", "Connected", STATE_TIMEOUT);
@@ -266,4 +293,60 @@ fn call_local_io_error_runs_the_handler_and_leaves_the_disk_inconsistent() {
     pair.wait_for(Beta, "dstate", "UpToDate/UpToDate", Duration::from_secs(60));
     pair.wait_for(Alpha, "dstate", "UpToDate/UpToDate", STATE_TIMEOUT);
     assert_identical_after_down(&pair, &beta_real);
+}
+
+/// A SyncSource whose disk fails reads: the first resync data goes out
+/// with `sendfile`, which fails on the disk's side; the link drops, the
+/// daemon reads through memory from then on, so after the reconnect each
+/// unreadable range is answered with a negative ack instead of dropping the
+/// link again. The resync ends with the target still Inconsistent, nobody
+/// crashes, and once the disk reads again a reconnect completes it.
+#[test]
+fn read_errors_on_the_sync_source_end_the_resync_cleanly() {
+    require_tool("dd");
+    let mut disk = FailingDisk::new();
+    let (pair, alpha_real) = pair_with_failing(&mut disk, Alpha, "", String::new());
+    write_through_alpha(&pair, 0, 8 * MIB, 0x77);
+    // Make alpha's next reads reach the (failing) disk, not its page cache.
+    let out = Command::new("dd")
+        .arg(format!("if={}", pair.disk(Alpha).display()))
+        .args(["iflag=nocache", "count=0", "status=none"])
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{out:?}");
+
+    disk.fail_reads(true);
+    pair.ok(Alpha, &["invalidate-remote", RES]);
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while !pair.log(Beta).contains("still out of sync") {
+        assert!(
+            Instant::now() < deadline,
+            "the resync never ended:\n{}",
+            pair.logs()
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    pair.wait_for(Beta, "dstate", "Inconsistent/UpToDate", STATE_TIMEOUT);
+    let log = pair.log(Alpha);
+    assert!(
+        log.contains("resync reads go through memory from now on"),
+        "{log}"
+    );
+    assert!(pair.pid(Alpha).is_some_and(pair::process_alive));
+    assert!(pair.pid(Beta).is_some_and(pair::process_alive));
+    pair.wait_for(Alpha, "cstate", "Connected", STATE_TIMEOUT);
+
+    disk.fail_reads(false);
+    pair.ok(Beta, &["disconnect", RES]);
+    pair.ok(Beta, &["connect", RES]);
+    pair.wait_for(Beta, "dstate", "UpToDate/UpToDate", Duration::from_secs(60));
+    pair.down(Alpha);
+    pair.down(Beta);
+    assert_same_range(
+        &alpha_real,
+        &pair.disk(Beta),
+        0,
+        pair.data_size(),
+        "alpha's repaired disk and beta",
+    );
 }

@@ -236,6 +236,9 @@ pub enum Packet {
     Bitmap(Vec<Range<u64>>),
     /// The sender's bitmap is complete.
     BitmapDone,
+    /// The SyncTarget ended the resync without every block (some could not
+    /// be read or written): the source ends it too.
+    SyncEnd,
     /// SyncTarget asks for a range.
     RsRequest {
         /// Request id.
@@ -1866,6 +1869,7 @@ impl Core {
             | Packet::SyncUuid { .. }
             | Packet::Bitmap(_)
             | Packet::BitmapDone
+            | Packet::SyncEnd
             | Packet::RsRequest { .. }
             | Packet::RsData { .. }
             | Packet::RsNegAck { .. }

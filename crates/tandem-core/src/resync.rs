@@ -426,6 +426,20 @@ impl Core {
                 out.push(Action::FlushBitmap);
                 self.cstate = self.sync_cstate();
             }
+            Packet::SyncEnd => {
+                let Some(s) = self.sync.take() else {
+                    return self.protocol_error("resync end outside a resync", out);
+                };
+                if s.side != SyncSide::Source {
+                    return self.protocol_error("resync end sent to the SyncTarget", out);
+                }
+                self.cstate = ConnState::Connected;
+                out.push(Action::Log(format!(
+                    "the peer ended the resync without every block; {} bytes stay out of sync here and resync on the next connect",
+                    self.local_oos
+                )));
+                self.start_waiting(out);
+            }
             Packet::SyncPause { paused } => {
                 if let Some(s) = self.sync.as_mut() {
                     s.paused_peer = paused;
@@ -917,6 +931,7 @@ impl Core {
                 "resync ended with {} bytes still out of sync; this node stays Inconsistent",
                 self.local_oos
             )));
+            out.push(Action::Send(Packet::SyncEnd));
             self.send_state(out);
             return;
         }

@@ -1647,6 +1647,7 @@ impl Actor {
                     .collect(),
             },
             Packet::BitmapDone => M::BitmapDone,
+            Packet::SyncEnd => M::SyncEnd,
             Packet::RsRequest { id, offset, len } => M::RsRequest {
                 id,
                 offset,
@@ -1880,6 +1881,7 @@ impl Actor {
                 Packet::Bitmap(v)
             }
             M::BitmapDone => Packet::BitmapDone,
+            M::SyncEnd => Packet::SyncEnd,
             M::RsRequest { id, offset, len } => Packet::RsRequest {
                 id,
                 offset,

@@ -61,6 +61,7 @@ mod kind {
     pub const OV_REPLY: u16 = 0x004B;
     pub const SYNC_PAUSE: u16 = 0x004C;
     pub const OV_DONE: u16 = 0x004D;
+    pub const SYNC_END: u16 = 0x004E;
 }
 
 /// Largest `Hello` body. `Hello` is the one frame whose layout must survive
@@ -104,6 +105,7 @@ fn kind_info(kind: u16) -> Option<(&'static str, usize)> {
         kind::SYNC_UUID => ("SyncUuid", 8),
         kind::BITMAP => ("Bitmap", BITMAP_LIMIT),
         kind::BITMAP_DONE => ("BitmapDone", 0),
+        kind::SYNC_END => ("SyncEnd", 0),
         kind::RS_REQUEST => ("RsRequest", 20),
         kind::RS_DATA => ("RsData", RS_DATA_FIXED + MAX_DATA),
         kind::RS_NEG_ACK => ("RsNegAck", 8),
@@ -143,6 +145,7 @@ fn kind_of(msg: &Message) -> u16 {
         Message::SyncUuid { .. } => kind::SYNC_UUID,
         Message::Bitmap { .. } => kind::BITMAP,
         Message::BitmapDone => kind::BITMAP_DONE,
+        Message::SyncEnd => kind::SYNC_END,
         Message::RsRequest { .. } => kind::RS_REQUEST,
         Message::RsData { .. } => kind::RS_DATA,
         Message::RsNegAck { .. } => kind::RS_NEG_ACK,
@@ -266,7 +269,7 @@ fn body_len(msg: &Message) -> usize {
         Message::SyncStart { .. } => 2,
         Message::SyncUuid { .. } | Message::RsNegAck { .. } | Message::OvDone { .. } => 8,
         Message::Bitmap { runs } => 4 + 16 * runs.len(),
-        Message::BitmapDone => 0,
+        Message::BitmapDone | Message::SyncEnd => 0,
         Message::RsRequest { .. } | Message::RsInSync { .. } | Message::OvRequest { .. } => 20,
         Message::RsData { data, .. } => RS_DATA_FIXED + data.len(),
         Message::RsAck { .. } => 12,
@@ -406,7 +409,7 @@ pub fn encode_head(msg: &Message, out: &mut BytesMut) {
                 out.put_u64_le(*n);
             }
         }
-        Message::BitmapDone => {}
+        Message::BitmapDone | Message::SyncEnd => {}
         Message::RsRequest { id, offset, len }
         | Message::RsInSync { id, offset, len }
         | Message::OvRequest { id, offset, len } => {
@@ -803,6 +806,7 @@ fn decode_body(kind: u16, b: &mut Body) -> Result<Message, WireError> {
             Message::Bitmap { runs }
         }
         kind::BITMAP_DONE => Message::BitmapDone,
+        kind::SYNC_END => Message::SyncEnd,
         kind::RS_REQUEST => Message::RsRequest {
             id: b.u64("id")?,
             offset: b.u64("offset")?,
@@ -1021,6 +1025,7 @@ mod tests {
             },
             Message::Bitmap { runs: vec![] },
             Message::BitmapDone,
+            Message::SyncEnd,
             Message::RsRequest {
                 id: 9,
                 offset: 1 << 20,
@@ -1106,7 +1111,7 @@ mod tests {
             assert!(limit <= MAX_BODY);
             seen.insert(k);
         }
-        assert_eq!(seen.len(), 33, "samples cover every type");
+        assert_eq!(seen.len(), 34, "samples cover every type");
     }
 
     #[test]

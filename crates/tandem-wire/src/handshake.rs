@@ -598,12 +598,12 @@ mod tests {
                 err,
                 HandshakeError::VersionMismatch {
                     ours: PROTOCOL_VERSION,
-                    theirs: 3
+                    theirs: 4
                 }
             ),
             "{err}"
         );
-        assert!(err.to_string().contains("version 3"), "{err}");
+        assert!(err.to_string().contains("version 4"), "{err}");
         assert!(matches!(
             hello,
             Some(Message::Hello {
@@ -614,7 +614,7 @@ mod tests {
         assert_eq!(
             bye,
             Some(Message::Disconnect {
-                reason: "alpha speaks wire protocol version 2, not 3".into()
+                reason: "alpha speaks wire protocol version 3, not 4".into()
             })
         );
     }

@@ -24,7 +24,7 @@ pub use stream::{write_message, Frame, FrameReader};
 
 /// Version of this protocol. A node refuses a peer whose `Hello` carries a
 /// different version: mixing versions is never silently attempted.
-pub const PROTOCOL_VERSION: u16 = 2;
+pub const PROTOCOL_VERSION: u16 = 3;
 
 /// Most bitmap runs in one `Bitmap` frame.
 pub const MAX_BITMAP_RUNS: usize = 4096;
@@ -244,6 +244,9 @@ pub enum Message {
     },
     /// The sender's whole bitmap has been sent.
     BitmapDone,
+    /// The SyncTarget ends the resync without every block: some could not
+    /// be read on the source or written here, and stay out of sync.
+    SyncEnd,
     /// The SyncTarget asks for a range.
     RsRequest {
         /// Request id, echoed in the reply.
@@ -351,6 +354,7 @@ impl Message {
             Message::SyncUuid { .. } => "SyncUuid",
             Message::Bitmap { .. } => "Bitmap",
             Message::BitmapDone => "BitmapDone",
+            Message::SyncEnd => "SyncEnd",
             Message::RsRequest { .. } => "RsRequest",
             Message::RsData { .. } => "RsData",
             Message::RsNegAck { .. } => "RsNegAck",
