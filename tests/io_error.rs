@@ -204,6 +204,23 @@ fn read_through_alpha(pair: &Pair, off: u64, len: u64) -> Vec<u8> {
         .collect()
 }
 
+/// With alpha demoted for the attempt, `primary` on beta is refused with
+/// `why`; alpha is Primary again afterwards.
+fn assert_beta_not_promotable(pair: &Pair, why: &str) {
+    pair.ok(Alpha, &["secondary", RES]);
+    let refused = pair.refused(Beta, &["primary", RES]);
+    assert!(refused.contains(why), "{refused}");
+    pair.ok(Alpha, &["primary", RES]);
+}
+
+/// Both nodes UpToDate again after the repair, then, both down, beta's
+/// repaired disk equals alpha's.
+fn resynced_and_identical(pair: &Pair, beta_real: &Path) {
+    pair.wait_for(Beta, "dstate", "UpToDate/UpToDate", Duration::from_secs(60));
+    pair.wait_for(Alpha, "dstate", "UpToDate/UpToDate", STATE_TIMEOUT);
+    assert_identical_after_down(pair, beta_real);
+}
+
 fn assert_identical_after_down(pair: &Pair, beta_real: &Path) {
     pair.down(Alpha);
     pair.down(Beta);
@@ -239,16 +256,11 @@ fn a_failing_secondary_disk_is_detached_and_attach_resyncs_it() {
         .iter()
         .all(|&b| b == 0x22));
     // A Diskless node cannot be promoted.
-    pair.ok(Alpha, &["secondary", RES]);
-    let refused = pair.refused(Beta, &["primary", RES]);
-    assert!(refused.contains("no local disk"), "{refused}");
-    pair.ok(Alpha, &["primary", RES]);
+    assert_beta_not_promotable(&pair, "no local disk");
 
     disk.fail_writes(false);
     pair.ok(Beta, &["attach", RES]);
-    pair.wait_for(Beta, "dstate", "UpToDate/UpToDate", Duration::from_secs(60));
-    pair.wait_for(Alpha, "dstate", "UpToDate/UpToDate", STATE_TIMEOUT);
-    assert_identical_after_down(&pair, &beta_real);
+    resynced_and_identical(&pair, &beta_real);
 }
 
 #[test]
@@ -282,17 +294,12 @@ fn call_local_io_error_runs_the_handler_and_leaves_the_disk_inconsistent() {
         format!("{RES} beta\n")
     );
     // Inconsistent data is not promoted without --force.
-    pair.ok(Alpha, &["secondary", RES]);
-    let refused = pair.refused(Beta, &["primary", RES]);
-    assert!(refused.contains("no UpToDate data"), "{refused}");
-    pair.ok(Alpha, &["primary", RES]);
+    assert_beta_not_promotable(&pair, "no UpToDate data");
 
     disk.fail_writes(false);
     pair.ok(Beta, &["disconnect", RES]);
     pair.ok(Beta, &["connect", RES]);
-    pair.wait_for(Beta, "dstate", "UpToDate/UpToDate", Duration::from_secs(60));
-    pair.wait_for(Alpha, "dstate", "UpToDate/UpToDate", STATE_TIMEOUT);
-    assert_identical_after_down(&pair, &beta_real);
+    resynced_and_identical(&pair, &beta_real);
 }
 
 /// A SyncSource whose disk fails reads: the first resync data goes out

@@ -2302,7 +2302,7 @@ impl Core {
         };
         if self.role == Role::Primary {
             out.push(Action::Log(format!(
-                "local disk error in {what}; on-io-error = {name}: failed requests get EIO and their ranges are marked out of sync"
+                "local disk error in {what}; on-io-error = {name}: each failed request is reported (EIO to a client, a negative ack to the peer) and stays marked out of sync"
             )));
             return;
         }
@@ -2320,12 +2320,15 @@ impl Core {
 
     /// A Failed disk with nothing of it in flight any more is detached.
     pub(crate) fn detach_failed(&mut self, out: &mut Vec<Action>) {
+        if self.disk != DiskState::Failed {
+            return;
+        }
         let idle = self.rx.inflight.is_empty()
             && self.rx.queue.is_empty()
             && self.rx.flushing.is_none()
             && self.rx.stabilizing.is_empty()
             && self.sync.is_none();
-        if self.disk != DiskState::Failed || !idle {
+        if !idle {
             return;
         }
         self.disk = DiskState::Diskless;
