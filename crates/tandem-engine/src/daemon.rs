@@ -493,6 +493,7 @@ async fn run_async(opts: DaemonOptions, ready: impl FnOnce()) -> Result<(), Stri
         peer_payloads: HashMap::new(),
         rs_out: HashMap::new(),
         rs_sent: Default::default(),
+        inline_writes: Vec::new(),
         no_sendfile: false,
         rs_in: HashMap::new(),
         sync_side: None,
@@ -738,6 +739,16 @@ struct LinkHandle {
     tx: mpsc::Sender<Vec<link::Out>>,
 }
 
+/// A small buffered write the actor makes itself (see `inline_writes`).
+struct InlineWrite {
+    op: OpId,
+    offset: u64,
+    /// Taken when the core asked, so a detach in the same wake-up does not
+    /// move the write to another disk or fail it.
+    dev: io::Result<Arc<FileDevice>>,
+    data: Bytes,
+}
+
 struct Actor {
     res: String,
     node: String,
@@ -760,6 +771,12 @@ struct Actor {
     /// Resync requests whose `RsData` went out straight from the disk
     /// (`link::FileFrame`) before the core heard the read was done.
     rs_sent: std::collections::HashSet<u64>,
+    /// Small buffered writes held until the end of this wake-up, after the
+    /// outbox has gone to the link: the peer's copy of a client write then
+    /// leaves before the local copy is made instead of after it, and the
+    /// link is the longer leg of a protocol C write. Bounded by the inputs
+    /// one wake-up takes in.
+    inline_writes: Vec<InlineWrite>,
     /// Set when sending resync data with `sendfile` failed on the disk's
     /// side.
     no_sendfile: bool,
@@ -921,6 +938,7 @@ impl Actor {
                     self.feed(ev).await;
                 }
                 self.flush_outbox().await;
+                self.write_inline().await;
                 if self.internal.is_empty() {
                     break;
                 }
@@ -1194,18 +1212,15 @@ impl Actor {
                     return;
                 }
                 // Small buffered writes are a copy into the page cache:
-                // cheaper here than a task and two channel hops.
+                // cheaper in the actor than a task and two channel hops.
                 if let (WriteKind::Data, Some(Payload::Mem(d)), false) = (kind, &data, fua) {
                     if d.len() <= INLINE_WRITE_MAX {
-                        let r = match disk_of(&self.slot) {
-                            Ok(dev) => dev.write(offset, d.clone(), false).await,
-                            Err(e) => Err(e),
-                        };
-                        if let Err(e) = &r {
-                            error!("local write at {offset}+{len} failed: {e}");
-                        }
-                        self.internal
-                            .push_back(Event::LocalDone { op, ok: r.is_ok() });
+                        self.inline_writes.push(InlineWrite {
+                            op,
+                            offset,
+                            dev: disk_of(&self.slot),
+                            data: d.clone(),
+                        });
                         return;
                     }
                 }
@@ -1750,6 +1765,23 @@ impl Actor {
     /// as one batch. Called before the actor waits for input, when the
     /// batch is full, and before anything that must follow them on the
     /// wire. Frames for a link that has gone since are dropped.
+    async fn write_inline(&mut self) {
+        for w in std::mem::take(&mut self.inline_writes) {
+            let (offset, len) = (w.offset, w.data.len());
+            let r = match w.dev {
+                Ok(dev) => dev.write(offset, w.data, false).await,
+                Err(e) => Err(e),
+            };
+            if let Err(e) = &r {
+                error!("local write at {offset}+{len} failed: {e}");
+            }
+            self.internal.push_back(Event::LocalDone {
+                op: w.op,
+                ok: r.is_ok(),
+            });
+        }
+    }
+
     async fn flush_outbox(&mut self) {
         if self.outbox.is_empty() {
             return;
