@@ -331,33 +331,38 @@ impl Inner {
         &self,
         offset: u64,
         head: &[u8],
-        pipe: &OwnedFd,
-        len: usize,
+        pipes: &[(OwnedFd, usize)],
         fua: bool,
     ) -> io::Result<()> {
+        let len: usize = pipes.iter().map(|(_, n)| n).sum();
         if self.direct.is_some() {
             let mut all = Vec::with_capacity(head.len() + len);
             all.extend_from_slice(head);
-            all.resize(head.len() + len, 0);
-            read_pipe_exact(pipe, &mut all[head.len()..])?;
+            for (pipe, n) in pipes {
+                let start = all.len();
+                all.resize(start + n, 0);
+                read_pipe_exact(pipe, &mut all[start..])?;
+            }
             return self.write(offset, &all, fua);
         }
         self.write_all(&self.file, head, offset, false)?;
         let mut at = offset + head.len() as u64;
-        let mut left = len;
-        while left > 0 {
-            match rustix::pipe::splice(
-                pipe,
-                None,
-                &self.file,
-                Some(&mut at),
-                left,
-                SpliceFlags::empty(),
-            ) {
-                Ok(0) | Err(Errno::AGAIN) => return Err(pipe_ran_dry(len, len - left)),
-                Ok(n) => left -= n,
-                Err(Errno::INTR) => {}
-                Err(e) => return Err(e.into()),
+        for (pipe, n) in pipes {
+            let mut left = *n;
+            while left > 0 {
+                match rustix::pipe::splice(
+                    pipe,
+                    None,
+                    &self.file,
+                    Some(&mut at),
+                    left,
+                    SpliceFlags::empty(),
+                ) {
+                    Ok(0) | Err(Errno::AGAIN) => return Err(pipe_ran_dry(*n, n - left)),
+                    Ok(k) => left -= k,
+                    Err(Errno::INTR) => {}
+                    Err(e) => return Err(e.into()),
+                }
             }
         }
         if fua {
@@ -544,24 +549,22 @@ fn block_device_size(file: &File) -> io::Result<u64> {
 }
 
 impl FileDevice {
-    /// Write `head` and then the `len` bytes waiting in `pipe` (which must
-    /// hold at least that many) at `offset`, without copying the pipe's
-    /// bytes through user space; their writeback starts at once (meant for
+    /// Write `head` and then the bytes waiting in `pipes` (each pipe must
+    /// hold at least its count; they follow each other) at `offset`,
+    /// without copying the pipes' bytes through user space; their writeback starts at once (meant for
     /// data a flush follows soon, see `Inner::start_writeback`).
     pub async fn write_piped(
         &self,
         offset: u64,
         head: Bytes,
-        pipe: OwnedFd,
-        len: usize,
+        pipes: Vec<(OwnedFd, usize)>,
         fua: bool,
     ) -> io::Result<()> {
         self.writable()?;
+        let len: usize = pipes.iter().map(|(_, n)| n).sum();
         self.check(offset, (head.len() + len) as u64)?;
-        self.run(false, move |i| {
-            i.write_piped(offset, &head, &pipe, len, fua)
-        })
-        .await
+        self.run(false, move |i| i.write_piped(offset, &head, &pipes, fua))
+            .await
     }
 
     /// Whether reads and writes go around the page cache (O_DIRECT); then
@@ -729,9 +732,14 @@ mod tests {
                 at += rustix::io::write(&w, &tail[at..]).unwrap();
             }
             let offset = 1 << 20;
-            dev.write_piped(offset, Bytes::from(head.clone()), r, tail.len(), direct)
-                .await
-                .unwrap();
+            dev.write_piped(
+                offset,
+                Bytes::from(head.clone()),
+                vec![(r, tail.len())],
+                direct,
+            )
+            .await
+            .unwrap();
             let got = dev.read(offset, head.len() + tail.len()).await.unwrap();
             assert!(got[..head.len()] == head[..], "head (direct={direct})");
             assert!(
@@ -742,7 +750,7 @@ mod tests {
             let (r, w) = rustix::pipe::pipe_with(rustix::pipe::PipeFlags::NONBLOCK).unwrap();
             rustix::io::write(&w, &[7u8; 1000]).unwrap();
             let err = dev
-                .write_piped(0, Bytes::new(), r, 8192, false)
+                .write_piped(0, Bytes::new(), vec![(r, 8192)], false)
                 .await
                 .unwrap_err();
             assert!(err.to_string().contains("ran dry"), "{err}");

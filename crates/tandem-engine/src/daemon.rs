@@ -1238,7 +1238,8 @@ impl Actor {
                         WriteKind::Data => match data {
                             Some(Payload::Mem(d)) => dev.write(offset, d, fua).await,
                             Some(Payload::Piped(head, p)) => {
-                                dev.write_piped(offset, head, p.pipe, p.len, fua).await
+                                let (pipes, _counted) = p.into_pipes();
+                                dev.write_piped(offset, head, pipes, fua).await
                             }
                             None => Err(io::Error::other("no payload")),
                         },

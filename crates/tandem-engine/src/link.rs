@@ -243,15 +243,46 @@ const PIPE_MAX: usize = 1 << 20;
 /// What one pipe slot holds at most.
 const PAGE: usize = 4096;
 
-/// The rest of a payload, held in a pipe until the write is done. Each
+/// The rest of a payload, held in pipes until the write is done. Each pipe
 /// holds one descriptor and at most about 1 MiB. The peer may have many
 /// more writes in flight than a process has descriptors to spare (the
 /// transfer log allows 32768), so at most [`MAX_PIPES`] exist at once in
 /// the process; payloads beyond that are read into memory as before.
 #[derive(Debug)]
 pub struct Piped {
+    /// The pipes, in payload order.
+    pub parts: Vec<PipePart>,
+    /// Bytes in them.
+    pub len: usize,
+}
+
+impl Piped {
+    /// The pipes' read ends with their byte counts, in payload order, for
+    /// the disk write, and what keeps them counted in [`PIPES`] until it
+    /// is dropped.
+    pub fn into_pipes(self) -> (Vec<(rustix::fd::OwnedFd, usize)>, PipeGuard) {
+        let mut slots = Vec::with_capacity(self.parts.len());
+        let pipes = self
+            .parts
+            .into_iter()
+            .map(|p| {
+                slots.push(p._slot);
+                (p.fd, p.len)
+            })
+            .collect();
+        (pipes, PipeGuard(slots))
+    }
+}
+
+/// Keeps the pipes of a [`Piped`] counted until dropped.
+#[derive(Debug)]
+pub struct PipeGuard(#[allow(dead_code)] Vec<PipeSlot>);
+
+/// One pipe of a [`Piped`] payload.
+#[derive(Debug)]
+pub struct PipePart {
     /// The pipe's read end.
-    pub pipe: rustix::fd::OwnedFd,
+    pub fd: rustix::fd::OwnedFd,
     /// Bytes in it.
     pub len: usize,
     /// Counts the pipe in [`PIPES`] until dropped.
@@ -646,12 +677,10 @@ async fn read_loop<T: From<LinkEvent> + Send + 'static>(
     }
 }
 
-/// Take the `rest` bytes of a bulk frame's payload from the socket: into a
-/// pipe with `splice` when the pipe can hold the whole payload (the part
-/// already read is written into it first, so the disk write is one
-/// `splice`), else (or when the pipe fills early: a peer whose segments
-/// are small uses a pipe slot per segment) read into memory after the part
-/// already taken.
+/// Take the `rest` bytes of a bulk frame's payload from the socket: into
+/// pipes with `splice` (the part already read stays in memory and is
+/// written first), else (no pipe to be had, or a payload that outgrows
+/// [`MAX_CHAIN`] pipes) read into memory after the part already taken.
 async fn take_bulk(
     reader: &mut FrameReader<tokio::net::tcp::OwnedReadHalf>,
     msg: Message,
@@ -659,128 +688,130 @@ async fn take_bulk(
 ) -> io::Result<(Message, Option<Piped>)> {
     let total = msg.payload().map_or(0, |d| d.len()) + rest;
     let pipe_size = if total <= PIPE_MAX { total } else { 0 };
-    take_bulk_via(reader, msg, rest, pipe_size).await
+    take_bulk_via(reader, msg, rest, pipe_size, MAX_CHAIN).await
 }
 
-/// [`take_bulk`] with a pipe of `pipe_size` bytes (tests use one too small
-/// to see the pipe fill).
+/// Pipes one payload may take. A pipe counts slots, not bytes, and a slot
+/// holds a page or less: a payload sent with `sendfile` arrives a page per
+/// fragment, and a page cut between two TCP segments takes two slots, so
+/// a 1 MiB payload needs a few slots more than a 1 MiB pipe has. Only a
+/// process with CAP_SYS_RESOURCE may make a pipe larger than
+/// pipe-max-size (1 MiB by default), so the overflow goes into a second,
+/// small pipe instead (before, a quarter of all 1 MiB resync payloads
+/// fell back to memory and a blocking write on the actor's thread).
+const MAX_CHAIN: usize = 4;
+
+/// A new empty non-blocking pipe of at least `size` bytes (up to
+/// [`PIPE_MAX`]), and its slot.
+fn new_pipe(size: usize) -> Option<(rustix::fd::OwnedFd, rustix::fd::OwnedFd, PipeSlot)> {
+    use rustix::pipe::{fcntl_setpipe_size, pipe_with, PipeFlags};
+    let slot = PipeSlot::take()?;
+    let (r, w) = pipe_with(PipeFlags::CLOEXEC | PipeFlags::NONBLOCK).ok()?;
+    // The default size (16 slots) is enough for a small remainder.
+    if size > 16 * PAGE {
+        fcntl_setpipe_size(&w, size.min(PIPE_MAX)).ok()?;
+    }
+    Some((r, w, slot))
+}
+
+/// [`take_bulk`] with a first pipe of `pipe_size` bytes and at most
+/// `max_chain` pipes (tests use fewer and smaller ones, to see a payload
+/// spread over pipes and one that outgrows them).
 async fn take_bulk_via(
     reader: &mut FrameReader<tokio::net::tcp::OwnedReadHalf>,
     mut msg: Message,
     rest: usize,
     pipe_size: usize,
+    max_chain: usize,
 ) -> io::Result<(Message, Option<Piped>)> {
-    use rustix::pipe::{fcntl_setpipe_size, pipe_with, splice, PipeFlags, SpliceFlags};
+    use rustix::pipe::{splice, SpliceFlags};
     use tokio::io::Interest;
-    let Some(data) = bulk_data(&mut msg) else {
+    if bulk_data(&mut msg).is_none() {
         return Err(io::Error::other("bulk frame without a payload"));
-    };
-    let head = std::mem::take(data);
-    // An empty pipe at least `pipe_size` large, and whether `head` went
-    // into it.
-    let pipe = (pipe_size > 0)
-        .then(|| {
-            let slot = PipeSlot::take()?;
-            let (r, w) = pipe_with(PipeFlags::CLOEXEC | PipeFlags::NONBLOCK).ok()?;
-            // A pipe counts slots, not bytes, and a slot holds one page or
-            // less: a payload sent with `sendfile` arrives a page per
-            // fragment. Twice the bytes leaves room for the head too, but
-            // only a privileged process may exceed pipe-max-size; others
-            // settle for the size itself and keep the head in memory.
-            let cap = fcntl_setpipe_size(&w, 2 * pipe_size)
-                .or_else(|_| fcntl_setpipe_size(&w, pipe_size))
-                .ok()?;
-            if cap < pipe_size {
-                return None;
-            }
-            let slots = head.len().div_ceil(PAGE) + rest.div_ceil(PAGE) + 2;
-            let head_in = slots <= cap / PAGE;
-            // Part of the head in the pipe would put the payload's bytes
-            // out of order: then no pipe at all.
-            if head_in && !write_all_nonblocking(&w, &head) {
-                return None;
-            }
-            Some((r, w, head_in, slot))
-        })
-        .flatten();
-    // Bytes of the rest taken from the socket into the pipe.
-    let mut spliced = 0;
-    let mut spilled = None;
-    if let Some((r, w, head_in, slot)) = pipe {
-        let sock: &TcpStream = reader.get_ref().as_ref();
-        let mut full = false;
-        while spliced < rest {
-            sock.readable().await?;
-            // EAGAIN means an empty socket (wait for it) or a full pipe,
-            // and only the first may clear tokio's readiness: with bytes
-            // waiting and readiness cleared, nothing would wake the read
-            // that takes them. So a full pipe is told apart inside the
-            // attempt.
-            let n = sock.try_io(Interest::READABLE, || {
-                match splice(
-                    sock,
-                    None,
-                    &w,
-                    None,
-                    rest - spliced,
-                    SpliceFlags::NONBLOCK | SpliceFlags::MOVE,
-                ) {
-                    Ok(n) => Ok(Some(n)),
-                    Err(rustix::io::Errno::AGAIN)
-                        if rustix::io::ioctl_fionread(sock).unwrap_or(0) > 0 =>
-                    {
-                        Ok(None)
-                    }
-                    Err(e) => Err(io::Error::from(e)),
-                }
-            });
-            match n {
-                Ok(Some(0)) => return Err(io::ErrorKind::UnexpectedEof.into()),
-                Ok(Some(n)) => spliced += n,
-                Ok(None) => {
-                    full = true;
-                    break;
-                }
-                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
-                Err(e) => return Err(e),
-            }
-        }
-        if !full {
-            let len = if head_in { head.len() + rest } else { rest };
-            if !head_in {
-                if let Some(data) = bulk_data(&mut msg) {
-                    *data = head;
-                }
-            }
-            return Ok((
-                msg,
-                Some(Piped {
-                    pipe: r,
-                    len,
-                    _slot: slot,
-                }),
-            ));
-        }
-        spilled = Some((r, head_in));
     }
-    // In memory: the head and what the pipe holds, then the rest of the
-    // socket.
-    let mut all = Vec::with_capacity(head.len() + rest);
-    let in_pipe = match &spilled {
-        Some((_, true)) => head.len() + spliced,
-        Some((_, false)) => {
-            all.extend_from_slice(&head);
-            spliced
-        }
-        None => {
-            all.extend_from_slice(&head);
-            0
-        }
+    // Filled pipes, in payload order, then the one being filled.
+    let mut parts: Vec<PipePart> = Vec::new();
+    let mut cur = if pipe_size > 0 {
+        new_pipe(pipe_size)
+    } else {
+        None
     };
-    if let Some((r, _)) = &spilled {
+    let mut cur_len = 0;
+    // Bytes of the rest taken from the socket into pipes.
+    let mut spliced = 0;
+    let sock: &TcpStream = reader.get_ref().as_ref();
+    while let Some((_, w, _)) = &cur {
+        if spliced == rest {
+            break;
+        }
+        sock.readable().await?;
+        // EAGAIN means an empty socket (wait for it) or a full pipe, and
+        // only the first may clear tokio's readiness: with bytes waiting
+        // and readiness cleared, nothing would wake the read that takes
+        // them. So a full pipe is told apart inside the attempt.
+        let n = sock.try_io(Interest::READABLE, || {
+            match splice(
+                sock,
+                None,
+                w,
+                None,
+                rest - spliced,
+                SpliceFlags::NONBLOCK | SpliceFlags::MOVE,
+            ) {
+                Ok(n) => Ok(Some(n)),
+                Err(rustix::io::Errno::AGAIN)
+                    if rustix::io::ioctl_fionread(sock).unwrap_or(0) > 0 =>
+                {
+                    Ok(None)
+                }
+                Err(e) => Err(io::Error::from(e)),
+            }
+        });
+        match n {
+            Ok(Some(0)) => return Err(io::ErrorKind::UnexpectedEof.into()),
+            Ok(Some(n)) => {
+                spliced += n;
+                cur_len += n;
+            }
+            Ok(None) => {
+                // Full: the remainder goes into the next pipe, if any.
+                let next = if parts.len() + 1 < max_chain {
+                    new_pipe((rest - spliced).saturating_mul(2))
+                } else {
+                    None
+                };
+                let Some((r, _w, slot)) = std::mem::replace(&mut cur, next) else {
+                    break;
+                };
+                parts.push(PipePart {
+                    fd: r,
+                    len: std::mem::take(&mut cur_len),
+                    _slot: slot,
+                });
+            }
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
+            Err(e) => return Err(e),
+        }
+    }
+    if let Some((r, _w, slot)) = cur.take() {
+        parts.push(PipePart {
+            fd: r,
+            len: cur_len,
+            _slot: slot,
+        });
+    }
+    if spliced == rest && !parts.is_empty() {
+        return Ok((msg, Some(Piped { len: rest, parts })));
+    }
+    // In memory: the head, what the pipes hold, then the rest of the
+    // socket.
+    let head = bulk_data(&mut msg).map(std::mem::take).unwrap_or_default();
+    let mut all = Vec::with_capacity(head.len() + rest);
+    all.extend_from_slice(&head);
+    for part in &parts {
         let start = all.len();
-        all.resize(start + in_pipe, 0);
-        tandem_blockdev::read_pipe_exact(r, &mut all[start..])?;
+        all.resize(start + part.len, 0);
+        tandem_blockdev::read_pipe_exact(&part.fd, &mut all[start..])?;
     }
     let start = all.len();
     all.resize(head.len() + rest, 0);
@@ -789,21 +820,6 @@ async fn take_bulk_via(
         *data = bytes::Bytes::from(all);
     }
     Ok((msg, None))
-}
-
-/// Write all of `data` into an empty non-blocking pipe large enough for
-/// it; false if it would not take it all at once.
-fn write_all_nonblocking(pipe: &rustix::fd::OwnedFd, data: &[u8]) -> bool {
-    let mut at = 0;
-    while at < data.len() {
-        match rustix::io::write(pipe, &data[at..]) {
-            Ok(0) => return false,
-            Ok(n) => at += n,
-            Err(rustix::io::Errno::INTR) => {}
-            Err(_) => return false,
-        }
-    }
-    true
 }
 
 /// The payload of a `Data` or `RsData` message.
@@ -915,6 +931,9 @@ mod bulk_tests {
             (SPLICE_MIN, usize::MAX),
             (300_000, 1000),
             (3 << 20, usize::MAX),
+            // More pipe slots than a pipe-max-size pipe has (a slot per
+            // segment): the overflow goes into a second pipe.
+            (PIPE_MAX, 4000),
         ];
         let sender = tokio::spawn(async move {
             let mut s = TcpStream::connect(addr).await.unwrap();
@@ -963,12 +982,19 @@ mod bulk_tests {
                 "case {i}: {n} bytes, {}",
                 if piped.is_some() { "piped" } else { "read" }
             );
+            assert!(
+                piped.is_some() || n != PIPE_MAX,
+                "case {i}: a 1 MiB payload in small segments must still be piped"
+            );
             if let Some(p) = piped {
                 piped_cases += 1;
-                let start = all.len();
-                all.resize(start + p.len, 0);
-                tandem_blockdev::read_pipe_exact(&p.pipe, &mut all[start..])
-                    .unwrap_or_else(|e| panic!("case {i}: reading the pipe: {e}"));
+                let (pipes, _counted) = p.into_pipes();
+                for (fd, len) in pipes {
+                    let start = all.len();
+                    all.resize(start + len, 0);
+                    tandem_blockdev::read_pipe_exact(&fd, &mut all[start..])
+                        .unwrap_or_else(|e| panic!("case {i}: reading the pipe: {e}"));
+                }
             }
             assert_eq!(all.len(), n, "case {i}: payload length");
             assert!(all == pattern(n, i as u8), "case {i}: payload bytes differ");
@@ -980,9 +1006,51 @@ mod bulk_tests {
         // The 3 MiB payload does not fit a default-size pipe and is read;
         // the whole 600 KiB frame fits one and is spliced.
         assert!(piped_cases >= 1, "no payload went through a pipe");
-        // A pipe that fills before the payload is complete: what it holds
-        // and the rest of the socket are read into memory.
         let mut s = sender.await.unwrap();
+        // A payload in more segments than a small pipe has slots: it fills
+        // that pipe and continues in the next ones, bytes in order.
+        let data = pattern(600_000, 8);
+        let mut buf = BytesMut::new();
+        tandem_wire::encode(
+            &Message::RsData {
+                id: 8,
+                offset: 0,
+                data: data.clone(),
+            },
+            &mut buf,
+        );
+        tandem_wire::encode(&Message::Ping, &mut buf);
+        let late = tokio::spawn(async move {
+            for part in buf.chunks(4000) {
+                s.write_all(part).await.unwrap();
+                tokio::task::yield_now().await;
+            }
+            s
+        });
+        let Some(Frame::Bulk { head, rest }) = reader.next_frame(SPLICE_MIN).await.unwrap() else {
+            panic!("expected a bulk frame");
+        };
+        let (mut msg, piped) = take_bulk_via(&mut reader, head, rest, 128 * 1024, MAX_CHAIN)
+            .await
+            .unwrap();
+        let mut all = bulk_data(&mut msg).unwrap().to_vec();
+        let (pipes, counted) = piped.expect("spread over pipes").into_pipes();
+        assert!(pipes.len() >= 2, "150 segments cannot fit 32 pipe slots");
+        for (fd, len) in pipes {
+            let start = all.len();
+            all.resize(start + len, 0);
+            tandem_blockdev::read_pipe_exact(&fd, &mut all[start..]).unwrap();
+        }
+        drop(counted);
+        assert!(all == data, "payload spread over pipes differs");
+        assert!(matches!(
+            reader.next_frame(SPLICE_MIN).await.unwrap(),
+            Some(Frame::Whole(Message::Ping))
+        ));
+        let mut s = late.await.unwrap();
+        // A payload that fills all the pipes it may take before it is
+        // complete: what they hold and the rest of the socket are read into
+        // memory.
         let mut buf = BytesMut::new();
         // Its 32 (or 64, when privileged) slots take at most 4 MiB even of
         // 64 KiB segments.
@@ -1004,7 +1072,7 @@ mod bulk_tests {
         let Some(Frame::Bulk { head, rest }) = reader.next_frame(SPLICE_MIN).await.unwrap() else {
             panic!("expected a bulk frame");
         };
-        let (mut msg, piped) = take_bulk_via(&mut reader, head, rest, 128 * 1024)
+        let (mut msg, piped) = take_bulk_via(&mut reader, head, rest, 128 * 1024, 1)
             .await
             .unwrap();
         assert!(
