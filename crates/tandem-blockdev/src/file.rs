@@ -323,10 +323,12 @@ impl Inner {
         Ok(())
     }
 
-    /// Write `head`, then the `len` bytes waiting in `pipe`, from `offset`:
-    /// the pipe's pages are copied into the page cache by the kernel, never
-    /// through user space, and their writeback starts at once. With O_DIRECT (which `splice` cannot serve with
-    /// arbitrary pages) the pipe is read into memory and written as usual.
+    /// Write `head`, then the bytes waiting in `pipes` (each its count, in
+    /// order), from `offset`: the pipes' pages are copied into the page
+    /// cache by the kernel, never through user space, and their writeback
+    /// starts at once. With O_DIRECT (which `splice` cannot serve with
+    /// arbitrary pages) the pipes are read into memory and written as
+    /// usual.
     fn write_piped(
         &self,
         offset: u64,
@@ -347,6 +349,7 @@ impl Inner {
         }
         self.write_all(&self.file, head, offset, false)?;
         let mut at = offset + head.len() as u64;
+        let mut moved = 0;
         for (pipe, n) in pipes {
             let mut left = *n;
             while left > 0 {
@@ -358,8 +361,11 @@ impl Inner {
                     left,
                     SpliceFlags::empty(),
                 ) {
-                    Ok(0) | Err(Errno::AGAIN) => return Err(pipe_ran_dry(*n, n - left)),
-                    Ok(k) => left -= k,
+                    Ok(0) | Err(Errno::AGAIN) => return Err(pipe_ran_dry(len, moved)),
+                    Ok(k) => {
+                        left -= k;
+                        moved += k;
+                    }
                     Err(Errno::INTR) => {}
                     Err(e) => return Err(e.into()),
                 }

@@ -774,7 +774,8 @@ struct Actor {
     /// Small buffered writes held until the end of this wake-up, after the
     /// outbox has gone to the link: the peer's copy of a client write then
     /// leaves before the local copy is made instead of after it, and the
-    /// link is the longer leg of a protocol C write. Bounded by the inputs
+    /// link is the longer leg of a protocol B or C write. (Protocol A
+    /// writes locally at once: its writes complete on the local copy.) Bounded by the inputs
     /// one wake-up takes in.
     inline_writes: Vec<InlineWrite>,
     /// Set when sending resync data with `sendfile` failed on the disk's
@@ -937,8 +938,8 @@ impl Actor {
                 while let Some(ev) = self.internal.pop_front() {
                     self.feed(ev).await;
                 }
-                self.flush_outbox().await;
-                self.write_inline().await;
+                let sent = self.flush_outbox().await;
+                self.write_inline(sent).await;
                 if self.internal.is_empty() {
                     break;
                 }
@@ -1215,12 +1216,20 @@ impl Actor {
                 // cheaper in the actor than a task and two channel hops.
                 if let (WriteKind::Data, Some(Payload::Mem(d)), false) = (kind, &data, fua) {
                     if d.len() <= INLINE_WRITE_MAX {
-                        self.inline_writes.push(InlineWrite {
+                        let w = InlineWrite {
                             op,
                             offset,
                             dev: disk_of(&self.slot),
                             data: d.clone(),
-                        });
+                        };
+                        if self.core.protocol() == Protocol::A {
+                            // Protocol A completes a write once it is
+                            // written here (and queued to the peer): local
+                            // copy first.
+                            self.write_small(w).await;
+                        } else {
+                            self.inline_writes.push(w);
+                        }
                         return;
                     }
                 }
@@ -1762,30 +1771,45 @@ impl Actor {
         }
     }
 
-    /// Hand the frames gathered since the last wait to the link's writer,
-    /// as one batch. Called before the actor waits for input, when the
-    /// batch is full, and before anything that must follow them on the
-    /// wire. Frames for a link that has gone since are dropped.
-    async fn write_inline(&mut self) {
+    /// The small writes held back in this wake-up (`inline_writes`). When
+    /// frames have just gone to the link's writer, the actor yields first:
+    /// with one runtime worker the writer would otherwise send them only
+    /// after these writes, since a small buffered write has no await point.
+    async fn write_inline(&mut self, frames_sent: bool) {
+        if self.inline_writes.is_empty() {
+            return;
+        }
+        if frames_sent {
+            tokio::task::yield_now().await;
+        }
         for w in std::mem::take(&mut self.inline_writes) {
-            let (offset, len) = (w.offset, w.data.len());
-            let r = match w.dev {
-                Ok(dev) => dev.write(offset, w.data, false).await,
-                Err(e) => Err(e),
-            };
-            if let Err(e) = &r {
-                error!("local write at {offset}+{len} failed: {e}");
-            }
-            self.internal.push_back(Event::LocalDone {
-                op: w.op,
-                ok: r.is_ok(),
-            });
+            self.write_small(w).await;
         }
     }
 
-    async fn flush_outbox(&mut self) {
+    async fn write_small(&mut self, w: InlineWrite) {
+        let (offset, len) = (w.offset, w.data.len());
+        let r = match w.dev {
+            Ok(dev) => dev.write(offset, w.data, false).await,
+            Err(e) => Err(e),
+        };
+        if let Err(e) = &r {
+            error!("local write at {offset}+{len} failed: {e}");
+        }
+        self.internal.push_back(Event::LocalDone {
+            op: w.op,
+            ok: r.is_ok(),
+        });
+    }
+
+    /// Hand the frames gathered since the last wait to the link's writer,
+    /// as one batch. Called before the actor waits for input, when the
+    /// batch is full, and before anything that must follow them on the
+    /// wire. Frames for a link that has gone since are dropped. Whether a
+    /// batch went to a writer.
+    async fn flush_outbox(&mut self) -> bool {
         if self.outbox.is_empty() {
-            return;
+            return false;
         }
         let batch = std::mem::replace(
             &mut self.outbox,
@@ -1797,7 +1821,7 @@ impl Actor {
             .as_ref()
             .filter(|l| Some(l.id) == self.outbox_link)
         else {
-            return;
+            return false;
         };
         // The writer task's queue is bounded; waiting here is the back
         // pressure protocol A needs when the link is slower than the disk.
@@ -1807,7 +1831,9 @@ impl Actor {
                 link: id,
                 cause: ConnState::BrokenPipe,
             });
+            return false;
         }
+        true
     }
 
     async fn link_event(&mut self, ev: LinkEvent) {
