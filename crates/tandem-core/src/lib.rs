@@ -1339,14 +1339,22 @@ impl Core {
             let seq = self.next_seq;
             self.next_seq += 1;
             r.seq = Some(seq);
-            r.pending |= WRITE_ACK | STABLE;
+            r.pending |= STABLE;
             match protocol {
+                // As in DRBD (and docs/wire-protocol.md), only protocol C
+                // has a write ack: under A and B the barrier ack retires a
+                // write (a failed one still gets a negative ack). A write
+                // ack there would cost both nodes a frame and a wake-up per
+                // write for nothing the Primary waits on.
                 Protocol::A => {}
                 Protocol::B => {
                     r.pending |= RECV_ACK;
                     r.completion |= RECV_ACK;
                 }
-                Protocol::C => r.completion |= WRITE_ACK,
+                Protocol::C => {
+                    r.pending |= WRITE_ACK;
+                    r.completion |= WRITE_ACK;
+                }
             }
             self.tl.insert(seq, req);
             if kind == WriteKind::Data {
@@ -1507,11 +1515,11 @@ impl Core {
                     }
                     self.counters.disk_written += range.end - range.start;
                     if self.link == Some(link) {
-                        out.push(Action::Send(if ok {
-                            Packet::WriteAck(seq)
-                        } else {
-                            Packet::NegAck(seq)
-                        }));
+                        if !ok {
+                            out.push(Action::Send(Packet::NegAck(seq)));
+                        } else if self.cfg.protocol == Protocol::C {
+                            out.push(Action::Send(Packet::WriteAck(seq)));
+                        }
                     }
                 }
                 self.drain_incoming(out);

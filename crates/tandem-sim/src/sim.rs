@@ -496,8 +496,10 @@ struct Node {
     local_done: BTreeSet<ReqId>,
     /// Client writes whose data frame went onto the link: req -> link.
     replicated: BTreeMap<ReqId, u64>,
-    /// Data frames sent without a write ack yet: req -> (link, blocks).
-    unacked: BTreeMap<ReqId, (u64, Range<u64>)>,
+    /// Data frames sent and not yet acknowledged (by a write ack under C,
+    /// by their epoch's barrier ack under every protocol): req -> (link,
+    /// epoch, blocks).
+    unacked: BTreeMap<ReqId, (u64, u64, Range<u64>)>,
     /// (link, seq) -> req, to match acks.
     seq_req: BTreeMap<(u64, u64), ReqId>,
     /// Writes the peer NegAck'd.
@@ -816,7 +818,7 @@ impl Sim {
         let lost: Vec<ReqId> = node
             .unacked
             .iter()
-            .filter(|(_, (l, _))| Some(*l) != live)
+            .filter(|(_, (l, _, _))| Some(*l) != live)
             .map(|(&r, _)| r)
             .collect();
         if post == ConnState::WFBitMapT
@@ -1070,13 +1072,14 @@ impl Sim {
         if let Packet::Data {
             req,
             seq,
+            epoch,
             offset,
             len,
             ..
         } = p
         {
             let node = &mut self.nodes[n];
-            node.unacked.insert(req, (l, blocks_of(offset, len)));
+            node.unacked.insert(req, (l, epoch, blocks_of(offset, len)));
             node.seq_req.insert((l, seq), req);
             if up {
                 node.replicated.insert(req, l);
@@ -1169,6 +1172,12 @@ impl Sim {
                         node.neg_acked.insert(req);
                     }
                 }
+            }
+            // Under A and B the barrier ack is the only one: the peer has
+            // every write of the epochs it covers.
+            Packet::BarrierAck { epoch, .. } => {
+                node.unacked
+                    .retain(|_, (l, e, _)| !(*l == link && *e <= epoch));
             }
             _ => {}
         }

@@ -102,7 +102,7 @@ impl Sim {
     /// marked once the loss has been handled.
     pub(super) fn check_lost_writes_marked(&mut self, n: usize, lost: &[ReqId]) -> R {
         for req in lost {
-            let Some((_, blocks)) = self.nodes[n].unacked.remove(req) else {
+            let Some((_, _, blocks)) = self.nodes[n].unacked.remove(req) else {
                 continue;
             };
             if !self.marked(n, &blocks) {
