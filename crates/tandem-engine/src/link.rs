@@ -701,14 +701,16 @@ async fn take_bulk(
 /// fell back to memory and a blocking write on the actor's thread).
 const MAX_CHAIN: usize = 4;
 
-/// A new empty non-blocking pipe of at least `size` bytes (up to
-/// [`PIPE_MAX`]), and its slot.
+/// A new pipe's size: 16 slots.
+const DEFAULT_PIPE: usize = 16 * PAGE;
+
+/// A new empty non-blocking pipe of `size` bytes (up to [`PIPE_MAX`]), and
+/// its slot.
 fn new_pipe(size: usize) -> Option<(rustix::fd::OwnedFd, rustix::fd::OwnedFd, PipeSlot)> {
     use rustix::pipe::{fcntl_setpipe_size, pipe_with, PipeFlags};
     let slot = PipeSlot::take()?;
     let (r, w) = pipe_with(PipeFlags::CLOEXEC | PipeFlags::NONBLOCK).ok()?;
-    // The default size (16 slots) is enough for a small remainder.
-    if size > 16 * PAGE {
+    if size != DEFAULT_PIPE {
         fcntl_setpipe_size(&w, size.min(PIPE_MAX)).ok()?;
     }
     Some((r, w, slot))
@@ -750,21 +752,30 @@ async fn take_bulk_via(
         // and readiness cleared, nothing would wake the read that takes
         // them. So a full pipe is told apart inside the attempt.
         let n = sock.try_io(Interest::READABLE, || {
-            match splice(
-                sock,
-                None,
-                w,
-                None,
-                rest - spliced,
-                SpliceFlags::NONBLOCK | SpliceFlags::MOVE,
-            ) {
-                Ok(n) => Ok(Some(n)),
-                Err(rustix::io::Errno::AGAIN)
-                    if rustix::io::ioctl_fionread(sock).unwrap_or(0) > 0 =>
-                {
-                    Ok(None)
+            // Bytes may arrive between an EAGAIN of an empty socket and the
+            // FIONREAD that follows it; only a second EAGAIN with bytes
+            // waiting means a full pipe (else a chain link is wasted).
+            let mut tries = 0;
+            loop {
+                match splice(
+                    sock,
+                    None,
+                    w,
+                    None,
+                    rest - spliced,
+                    SpliceFlags::NONBLOCK | SpliceFlags::MOVE,
+                ) {
+                    Ok(n) => return Ok(Some(n)),
+                    Err(rustix::io::Errno::AGAIN)
+                        if rustix::io::ioctl_fionread(sock).unwrap_or(0) > 0 =>
+                    {
+                        tries += 1;
+                        if tries == 2 {
+                            return Ok(None);
+                        }
+                    }
+                    Err(e) => return Err(io::Error::from(e)),
                 }
-                Err(e) => Err(io::Error::from(e)),
             }
         });
         match n {
@@ -776,7 +787,8 @@ async fn take_bulk_via(
             Ok(None) => {
                 // Full: the remainder goes into the next pipe, if any.
                 let next = if parts.len() + 1 < max_chain {
-                    new_pipe((rest - spliced).saturating_mul(2))
+                    // The default size is enough for a small remainder.
+                    new_pipe((rest - spliced).saturating_mul(2).max(DEFAULT_PIPE))
                 } else {
                     None
                 };
@@ -1007,8 +1019,10 @@ mod bulk_tests {
         // the whole 600 KiB frame fits one and is spliced.
         assert!(piped_cases >= 1, "no payload went through a pipe");
         let mut s = sender.await.unwrap();
-        // A payload in more segments than a small pipe has slots: it fills
-        // that pipe and continues in the next ones, bytes in order.
+        // A payload larger than its first pipe can hold (one slot: a slot
+        // holds one fragment, and TCP may coalesce segments into
+        // fragments of up to 32 KiB, never 600 KB): it fills that pipe and
+        // continues in the next ones, bytes in order.
         let data = pattern(600_000, 8);
         let mut buf = BytesMut::new();
         tandem_wire::encode(
@@ -1030,12 +1044,12 @@ mod bulk_tests {
         let Some(Frame::Bulk { head, rest }) = reader.next_frame(SPLICE_MIN).await.unwrap() else {
             panic!("expected a bulk frame");
         };
-        let (mut msg, piped) = take_bulk_via(&mut reader, head, rest, 128 * 1024, MAX_CHAIN)
+        let (mut msg, piped) = take_bulk_via(&mut reader, head, rest, PAGE, MAX_CHAIN)
             .await
             .unwrap();
         let mut all = bulk_data(&mut msg).unwrap().to_vec();
         let (pipes, counted) = piped.expect("spread over pipes").into_pipes();
-        assert!(pipes.len() >= 2, "150 segments cannot fit 32 pipe slots");
+        assert!(pipes.len() >= 2, "600 KB cannot fit a one-slot pipe");
         for (fd, len) in pipes {
             let start = all.len();
             all.resize(start + len, 0);
