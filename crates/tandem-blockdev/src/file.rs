@@ -557,8 +557,9 @@ fn block_device_size(file: &File) -> io::Result<u64> {
 impl FileDevice {
     /// Write `head` and then the bytes waiting in `pipes` (each pipe must
     /// hold at least its count; they follow each other) at `offset`,
-    /// without copying the pipes' bytes through user space; their writeback starts at once (meant for
-    /// data a flush follows soon, see `Inner::start_writeback`).
+    /// without copying the pipes' bytes through user space; their
+    /// writeback starts at once (meant for data a flush follows soon, see
+    /// `Inner::start_writeback`).
     pub async fn write_piped(
         &self,
         offset: u64,

@@ -775,8 +775,8 @@ struct Actor {
     /// outbox has gone to the link: the peer's copy of a client write then
     /// leaves before the local copy is made instead of after it, and the
     /// link is the longer leg of a protocol B or C write. (Protocol A
-    /// writes locally at once: its writes complete on the local copy.) Bounded by the inputs
-    /// one wake-up takes in.
+    /// writes locally at once: its writes complete on the local copy.)
+    /// Bounded by the inputs one wake-up takes in.
     inline_writes: Vec<InlineWrite>,
     /// Set when sending resync data with `sendfile` failed on the disk's
     /// side.
@@ -838,7 +838,7 @@ impl Payload {
     fn len(&self) -> usize {
         match self {
             Payload::Mem(d) => d.len(),
-            Payload::Piped(head, p) => head.len() + p.len,
+            Payload::Piped(head, p) => head.len() + p.len(),
         }
     }
 }

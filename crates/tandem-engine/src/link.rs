@@ -252,11 +252,14 @@ const PAGE: usize = 4096;
 pub struct Piped {
     /// The pipes, in payload order.
     pub parts: Vec<PipePart>,
-    /// Bytes in them.
-    pub len: usize,
 }
 
 impl Piped {
+    /// Bytes in the pipes.
+    pub fn len(&self) -> usize {
+        self.parts.iter().map(|p| p.len).sum()
+    }
+
     /// The pipes' read ends with their byte counts, in payload order, for
     /// the disk write, and what keeps them counted in [`PIPES`] until it
     /// is dropped.
@@ -274,7 +277,8 @@ impl Piped {
     }
 }
 
-/// Keeps the pipes of a [`Piped`] counted until dropped.
+/// Keeps the pipes of a [`Piped`] counted until dropped. The slots are
+/// never read: holding them is the point.
 #[derive(Debug)]
 pub struct PipeGuard(#[allow(dead_code)] Vec<PipeSlot>);
 
@@ -813,7 +817,7 @@ async fn take_bulk_via(
         });
     }
     if spliced == rest && !parts.is_empty() {
-        return Ok((msg, Some(Piped { len: rest, parts })));
+        return Ok((msg, Some(Piped { parts })));
     }
     // In memory: the head, what the pipes hold, then the rest of the
     // socket.
@@ -929,6 +933,34 @@ mod bulk_tests {
             .collect()
     }
 
+    /// An `RsData` frame of `data`, then a `Ping`, encoded.
+    fn rs_data_then_ping(id: u64, data: &Bytes) -> BytesMut {
+        let mut buf = BytesMut::new();
+        tandem_wire::encode(
+            &Message::RsData {
+                id,
+                offset: 0,
+                data: data.clone(),
+            },
+            &mut buf,
+        );
+        tandem_wire::encode(&Message::Ping, &mut buf);
+        buf
+    }
+
+    /// Append what `piped`'s pipes hold to `all`; how many pipes it had.
+    fn read_piped(all: &mut Vec<u8>, piped: Piped) -> usize {
+        let (pipes, _counted) = piped.into_pipes();
+        let n = pipes.len();
+        for (fd, len) in pipes {
+            let start = all.len();
+            all.resize(start + len, 0);
+            tandem_blockdev::read_pipe_exact(&fd, &mut all[start..])
+                .unwrap_or_else(|e| panic!("reading a payload pipe: {e}"));
+        }
+        n
+    }
+
     /// Large payloads arrive byte for byte whether they go through a pipe
     /// or (when the pipe fills early, as with a peer dribbling small
     /// segments) through memory, and the frames after them stay in step.
@@ -1000,13 +1032,7 @@ mod bulk_tests {
             );
             if let Some(p) = piped {
                 piped_cases += 1;
-                let (pipes, _counted) = p.into_pipes();
-                for (fd, len) in pipes {
-                    let start = all.len();
-                    all.resize(start + len, 0);
-                    tandem_blockdev::read_pipe_exact(&fd, &mut all[start..])
-                        .unwrap_or_else(|e| panic!("case {i}: reading the pipe: {e}"));
-                }
+                read_piped(&mut all, p);
             }
             assert_eq!(all.len(), n, "case {i}: payload length");
             assert!(all == pattern(n, i as u8), "case {i}: payload bytes differ");
@@ -1024,16 +1050,7 @@ mod bulk_tests {
         // fragments of up to 32 KiB, never 600 KB): it fills that pipe and
         // continues in the next ones, bytes in order.
         let data = pattern(600_000, 8);
-        let mut buf = BytesMut::new();
-        tandem_wire::encode(
-            &Message::RsData {
-                id: 8,
-                offset: 0,
-                data: data.clone(),
-            },
-            &mut buf,
-        );
-        tandem_wire::encode(&Message::Ping, &mut buf);
+        let buf = rs_data_then_ping(8, &data);
         let late = tokio::spawn(async move {
             for part in buf.chunks(4000) {
                 s.write_all(part).await.unwrap();
@@ -1048,14 +1065,8 @@ mod bulk_tests {
             .await
             .unwrap();
         let mut all = bulk_data(&mut msg).unwrap().to_vec();
-        let (pipes, counted) = piped.expect("spread over pipes").into_pipes();
-        assert!(pipes.len() >= 2, "600 KB cannot fit a one-slot pipe");
-        for (fd, len) in pipes {
-            let start = all.len();
-            all.resize(start + len, 0);
-            tandem_blockdev::read_pipe_exact(&fd, &mut all[start..]).unwrap();
-        }
-        drop(counted);
+        let pipes = read_piped(&mut all, piped.expect("spread over pipes"));
+        assert!(pipes >= 2, "600 KB cannot fit a one-slot pipe");
         assert!(all == data, "payload spread over pipes differs");
         assert!(matches!(
             reader.next_frame(SPLICE_MIN).await.unwrap(),
@@ -1065,19 +1076,9 @@ mod bulk_tests {
         // A payload that fills all the pipes it may take before it is
         // complete: what they hold and the rest of the socket are read into
         // memory.
-        let mut buf = BytesMut::new();
-        // Its 32 (or 64, when privileged) slots take at most 4 MiB even of
-        // 64 KiB segments.
+        // One pipe of 32 slots takes at most 4 MiB even of 64 KiB segments.
         let data = pattern(8 << 20, 9);
-        tandem_wire::encode(
-            &Message::RsData {
-                id: 9,
-                offset: 0,
-                data: data.clone(),
-            },
-            &mut buf,
-        );
-        tandem_wire::encode(&Message::Ping, &mut buf);
+        let buf = rs_data_then_ping(9, &data);
         // From another task: 4 MiB may not fit the socket buffers.
         let late = tokio::spawn(async move {
             s.write_all(&buf).await.unwrap();
