@@ -4,20 +4,23 @@
 //! nodes to see what a WAN or a busy LAN does to protocols A, B and C.
 //!
 //! Each accepted connection is connected to the target, and each direction
-//! is pumped by a reader and a writer. The reader stamps every chunk it
-//! reads with the time it may leave (now + delay + a random part of the
-//! jitter, never earlier than the chunk before, so bytes never reorder);
-//! the writer sends it then, no faster than the bandwidth cap. Between the
-//! two sits a bounded queue: when it is full the reader stops reading, and
-//! TCP's own flow control pushes back on the sender, as a real link would.
+//! is pumped by a reader and a writer. The reader moves what arrives into a
+//! pipe and stamps that piece with the time it may leave (now + delay + a
+//! random part of the jitter, never earlier than the piece before, so bytes
+//! never reorder); the writer sends it then, no faster than the bandwidth
+//! cap. Between the two sits a queue bounded in bytes (`Shape::buffer`) and
+//! in pieces: when it is full the reader stops reading, and TCP's own flow
+//! control pushes back on the sender, as a real link would.
 
-use bytes::{Bytes, BytesMut};
+use rustix::fd::OwnedFd;
+use rustix::io::ioctl_fionread;
+use rustix::pipe::{fcntl_setpipe_size, pipe_with, splice, PipeFlags, SpliceFlags};
 use std::io;
+use std::sync::Arc;
 use std::time::Duration;
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
+use tokio::io::Interest;
 use tokio::net::{TcpListener, TcpStream};
-use tokio::sync::{mpsc, watch};
+use tokio::sync::{mpsc, watch, OwnedSemaphorePermit, Semaphore};
 use tokio::time::Instant;
 use tracing::{debug, warn};
 
@@ -45,9 +48,16 @@ impl Default for Shape {
     }
 }
 
-/// Largest chunk read at once: small enough that the bandwidth cap and the
-/// delay apply smoothly, large enough not to cost a syscall per packet.
-const CHUNK: usize = 64 * 1024;
+/// Most bytes one piece (a pipe) holds: the largest pipe an unprivileged
+/// process may have (`/proc/sys/fs/pipe-max-size`).
+const PIECE: usize = 1 << 20;
+
+/// Most pieces queued per direction (two file descriptors each), whatever
+/// their size: a slow trickle of small reads must not exhaust descriptors.
+const MAX_PIECES: usize = 256;
+
+/// Emptied pipes kept per direction for the next pieces.
+const POOL: usize = 8;
 
 /// Accept connections on `listener` and proxy each to `target` until
 /// `stop` turns true.
@@ -112,67 +122,224 @@ async fn connection(
 ) {
     let _ = client.set_nodelay(true);
     let _ = server.set_nodelay(true);
-    let (cr, cw) = client.into_split();
-    let (sr, sw) = server.into_split();
-    let up = direction(cr, sw, shape, seed, stop.clone());
-    let down = direction(sr, cw, shape, seed.rotate_left(17) | 1, stop);
+    let (client, server) = (Arc::new(client), Arc::new(server));
+    let up = direction(
+        Arc::clone(&client),
+        Arc::clone(&server),
+        shape,
+        seed,
+        stop.clone(),
+    );
+    let down = direction(server, client, shape, seed.rotate_left(17) | 1, stop);
     tokio::join!(up, down);
 }
 
-/// One direction: read, stamp, queue; wait, pace, write.
+/// Bytes taken from one side, waiting in a pipe until they may leave.
+struct Piece {
+    at: Instant,
+    pipe: Pipe,
+    len: usize,
+    /// Its share of the direction's buffer, returned when it has left.
+    _held: OwnedSemaphorePermit,
+}
+
+struct Pipe {
+    r: OwnedFd,
+    w: OwnedFd,
+    cap: usize,
+}
+
+fn new_pipe() -> io::Result<Pipe> {
+    let (r, w) = pipe_with(PipeFlags::CLOEXEC | PipeFlags::NONBLOCK)?;
+    // A smaller pipe (the size may be capped lower here) only makes
+    // smaller pieces.
+    let cap = fcntl_setpipe_size(&w, PIECE).unwrap_or(64 * 1024);
+    Ok(Pipe { r, w, cap })
+}
+
+type PipePool = Arc<std::sync::Mutex<Vec<Pipe>>>;
+
+/// One direction: take what arrives into a pipe, stamp it, queue it; wait,
+/// pace, send it on. The bytes move between the sockets with `splice`,
+/// never through this process's memory: a proxy that copied each byte
+/// twice would cost the machine under test as much CPU as the link it
+/// stands in for (a stream through the copying version of this proxy
+/// peaked near 1 GB/s here, against 2.7 GB/s direct).
 async fn direction(
-    mut r: OwnedReadHalf,
-    mut w: OwnedWriteHalf,
+    from: Arc<TcpStream>,
+    to: Arc<TcpStream>,
     shape: Shape,
     seed: u64,
     mut stop: watch::Receiver<bool>,
 ) {
-    // The queue is counted in chunks; a chunk holds at most CHUNK bytes.
-    let slots = (shape.buffer / CHUNK).max(1);
-    let (tx, mut rx) = mpsc::channel::<(Instant, Bytes)>(slots);
-    let reader = async move {
-        let mut rng = seed | 1;
-        let mut last = Instant::now();
-        loop {
-            let mut buf = BytesMut::with_capacity(CHUNK);
-            let n = tokio::select! {
-                n = r.read_buf(&mut buf) => n,
-                _ = stop.wait_for(|s| *s) => break,
-            };
-            match n {
-                Ok(0) | Err(_) => break,
-                Ok(_) => {}
-            }
-            rng ^= rng << 13;
-            rng ^= rng >> 7;
-            rng ^= rng << 17;
-            let jitter_ns = u64::try_from(shape.jitter.as_nanos()).unwrap_or(u64::MAX);
-            let extra = Duration::from_nanos(if jitter_ns == 0 { 0 } else { rng % jitter_ns });
-            // Never before the previous chunk: TCP bytes stay in order.
-            let due = (Instant::now() + shape.delay + extra).max(last);
-            last = due;
-            if tx.send((due, buf.freeze())).await.is_err() {
-                break;
+    let (tx, mut rx) = mpsc::channel::<Piece>(MAX_PIECES);
+    // The buffer in bytes: a piece holds a permit per byte it may take.
+    let budget = shape.buffer.clamp(1, usize::MAX >> 4);
+    let room = Arc::new(Semaphore::new(budget));
+    let pool: PipePool = Arc::default();
+    let reader = {
+        let pool = Arc::clone(&pool);
+        async move {
+            let mut rng = seed | 1;
+            let mut last = Instant::now();
+            let mut spare: Option<Pipe> = None;
+            loop {
+                let pipe = match spare.take() {
+                    Some(p) => p,
+                    None => match pool.lock().ok().and_then(|mut p| p.pop()) {
+                        Some(p) => p,
+                        None => match new_pipe() {
+                            Ok(p) => p,
+                            Err(e) => {
+                                warn!("cannot create a pipe: {e}");
+                                break;
+                            }
+                        },
+                    },
+                };
+                let most = pipe.cap.min(budget);
+                let want = u32::try_from(most).unwrap_or(u32::MAX);
+                let held = tokio::select! {
+                    p = Arc::clone(&room).acquire_many_owned(want) => match p {
+                        Ok(p) => p,
+                        Err(_) => break,
+                    },
+                    _ = stop.wait_for(|s| *s) => break,
+                };
+                let (len, eof) = tokio::select! {
+                    r = fill(&from, &pipe, most) => match r {
+                        Ok(r) => r,
+                        Err(e) => {
+                            debug!("proxy read ended: {e}");
+                            (0, true)
+                        }
+                    },
+                    _ = stop.wait_for(|s| *s) => break,
+                };
+                if len == 0 {
+                    if eof {
+                        break;
+                    }
+                    spare = Some(pipe);
+                    continue;
+                }
+                let mut held = held;
+                if let Some(unused) = held.num_permits().checked_sub(len) {
+                    // Only the bytes taken count against the buffer.
+                    drop(held.split(unused));
+                }
+                rng ^= rng << 13;
+                rng ^= rng >> 7;
+                rng ^= rng << 17;
+                let jitter_ns = u64::try_from(shape.jitter.as_nanos()).unwrap_or(u64::MAX);
+                let extra = Duration::from_nanos(if jitter_ns == 0 { 0 } else { rng % jitter_ns });
+                // Never before the previous piece: TCP bytes stay in order.
+                let at = (Instant::now() + shape.delay + extra).max(last);
+                last = at;
+                let piece = Piece {
+                    at,
+                    pipe,
+                    len,
+                    _held: held,
+                };
+                if tx.send(piece).await.is_err() || eof {
+                    break;
+                }
             }
         }
     };
     let writer = async move {
         let mut free_at = Instant::now();
-        while let Some((due, chunk)) = rx.recv().await {
-            let mut at = due.max(free_at);
+        while let Some(piece) = rx.recv().await {
+            let mut at = piece.at.max(free_at);
             if let Some(rate) = shape.rate.filter(|r| *r > 0) {
-                // The chunk occupies the link for len/rate; it leaves once
+                // The piece occupies the link for len/rate; it leaves once
                 // the link has carried it.
-                let secs = chunk.len() as f64 / rate as f64;
-                at = at.max(free_at) + Duration::from_secs_f64(secs);
+                at += Duration::from_secs_f64(piece.len as f64 / rate as f64);
                 free_at = at;
             }
             wait_until(at).await;
-            if w.write_all(&chunk).await.is_err() {
+            if let Err(e) = drain(&piece.pipe, piece.len, &to).await {
+                debug!("proxy write ended: {e}");
                 break;
             }
+            if let Ok(mut p) = pool.lock() {
+                if p.len() < POOL {
+                    p.push(piece.pipe);
+                }
+            }
         }
-        let _ = w.shutdown().await;
+        let _ = rustix::net::shutdown(&*to, rustix::net::Shutdown::Write);
     };
     tokio::join!(reader, writer);
+}
+
+/// Move what `from` has (as soon as it has something, at most `most`
+/// bytes) into `pipe`: the bytes moved, and whether `from` reached its end.
+async fn fill(from: &TcpStream, pipe: &Pipe, most: usize) -> io::Result<(usize, bool)> {
+    let mut len = 0;
+    loop {
+        from.readable().await?;
+        loop {
+            match splice(
+                from,
+                None,
+                &pipe.w,
+                None,
+                most - len,
+                SpliceFlags::MOVE | SpliceFlags::NONBLOCK,
+            ) {
+                Ok(0) => return Ok((len, true)),
+                Ok(n) => {
+                    len += n;
+                    if len >= most {
+                        return Ok((len, false));
+                    }
+                }
+                Err(rustix::io::Errno::INTR) => {}
+                Err(rustix::io::Errno::AGAIN) => {
+                    // Either the socket is empty or the pipe is full (it
+                    // runs out of slots before bytes when segments are
+                    // small). Only an empty socket waits for readiness.
+                    if ioctl_fionread(from).unwrap_or(0) > 0 {
+                        return Ok((len, false));
+                    }
+                    let _ = from.try_io(Interest::READABLE, || {
+                        Err::<(), _>(io::ErrorKind::WouldBlock.into())
+                    });
+                    if len > 0 {
+                        return Ok((len, false));
+                    }
+                    break;
+                }
+                Err(e) => return Err(e.into()),
+            }
+        }
+    }
+}
+
+/// Send the `len` bytes in `pipe` to `to`.
+async fn drain(pipe: &Pipe, mut len: usize, to: &TcpStream) -> io::Result<()> {
+    while len > 0 {
+        to.writable().await?;
+        let r = to.try_io(Interest::WRITABLE, || {
+            splice(
+                &pipe.r,
+                None,
+                to,
+                None,
+                len,
+                SpliceFlags::MOVE | SpliceFlags::NONBLOCK,
+            )
+            .map_err(io::Error::from)
+        });
+        match r {
+            Ok(0) => return Err(io::ErrorKind::WriteZero.into()),
+            Ok(n) => len -= n,
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(())
 }

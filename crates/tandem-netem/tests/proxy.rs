@@ -124,3 +124,31 @@ async fn stop_ends_the_accept_loop() {
     let r = tokio::time::timeout(Duration::from_secs(5), task).await;
     assert!(matches!(r, Ok(Ok(Ok(())))), "{r:?}");
 }
+
+/// At full speed the pieces fill whole pipes, several wait in the queue at
+/// once, and a small buffer holds the reader back: the bytes still arrive
+/// intact and in order.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_fast_stream_through_a_small_buffer_arrives_intact() {
+    let (addr, _stop) = setup(Shape {
+        delay: Duration::from_micros(500),
+        buffer: 1 << 20,
+        ..Shape::default()
+    })
+    .await;
+    let s = TcpStream::connect(&addr).await.unwrap();
+    let (mut r, mut w) = s.into_split();
+    let data: Vec<u8> = (0..32u32 << 20)
+        .map(|i| (i.wrapping_mul(2654435761) >> 11) as u8)
+        .collect();
+    let sent = data.clone();
+    let writer = tokio::spawn(async move {
+        w.write_all(&sent).await.unwrap();
+        w.shutdown().await.unwrap();
+    });
+    let mut back = Vec::with_capacity(data.len());
+    r.read_to_end(&mut back).await.unwrap();
+    writer.await.unwrap();
+    assert_eq!(back.len(), data.len());
+    assert!(back == data, "the echo differs from what was sent");
+}
