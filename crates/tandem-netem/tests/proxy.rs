@@ -82,6 +82,22 @@ async fn a_sub_millisecond_delay_is_kept_to_within_a_fraction() {
     );
 }
 
+/// Send `data` through the proxy to the echo server, half-close, and read
+/// everything that comes back.
+async fn echo(addr: &str, data: &[u8]) -> Vec<u8> {
+    let s = TcpStream::connect(addr).await.unwrap();
+    let (mut r, mut w) = s.into_split();
+    let sent = data.to_vec();
+    let writer = tokio::spawn(async move {
+        w.write_all(&sent).await.unwrap();
+        w.shutdown().await.unwrap();
+    });
+    let mut back = Vec::with_capacity(data.len());
+    r.read_to_end(&mut back).await.unwrap();
+    writer.await.unwrap();
+    back
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn bytes_arrive_intact_in_order_and_no_faster_than_the_cap() {
     let (addr, _stop) = setup(Shape {
@@ -91,20 +107,11 @@ async fn bytes_arrive_intact_in_order_and_no_faster_than_the_cap() {
         ..Shape::default()
     })
     .await;
-    let s = TcpStream::connect(&addr).await.unwrap();
-    let (mut r, mut w) = s.into_split();
     let data: Vec<u8> = (0..4u32 << 20)
         .map(|i| (i.wrapping_mul(2654435761) >> 13) as u8)
         .collect();
-    let sent = data.clone();
     let t = Instant::now();
-    let writer = tokio::spawn(async move {
-        w.write_all(&sent).await.unwrap();
-        w.shutdown().await.unwrap();
-    });
-    let mut back = Vec::new();
-    r.read_to_end(&mut back).await.unwrap();
-    writer.await.unwrap();
+    let back = echo(&addr, &data).await;
     let took = t.elapsed();
     assert_eq!(back.len(), data.len());
     assert!(back == data, "the echo differs from what was sent");
@@ -136,19 +143,10 @@ async fn a_fast_stream_through_a_small_buffer_arrives_intact() {
         ..Shape::default()
     })
     .await;
-    let s = TcpStream::connect(&addr).await.unwrap();
-    let (mut r, mut w) = s.into_split();
     let data: Vec<u8> = (0..32u32 << 20)
         .map(|i| (i.wrapping_mul(2654435761) >> 11) as u8)
         .collect();
-    let sent = data.clone();
-    let writer = tokio::spawn(async move {
-        w.write_all(&sent).await.unwrap();
-        w.shutdown().await.unwrap();
-    });
-    let mut back = Vec::with_capacity(data.len());
-    r.read_to_end(&mut back).await.unwrap();
-    writer.await.unwrap();
+    let back = echo(&addr, &data).await;
     assert_eq!(back.len(), data.len());
     assert!(back == data, "the echo differs from what was sent");
 }
