@@ -355,6 +355,13 @@ pub enum Event {
         /// It succeeded.
         ok: bool,
     },
+    /// A resync read that was to go out as a frame read straight from the
+    /// disk (`sendfile`) was dropped with its link before it was sent: not
+    /// a disk error, and nothing more for the peer.
+    ReadUnsent {
+        /// Which one.
+        op: OpId,
+    },
     /// A new authenticated link to the peer.
     LinkUp {
         /// Link number, increasing.
@@ -1149,6 +1156,12 @@ impl Core {
             Event::Flush { req } => self.client_flush(req, out),
             Event::AlReady { req, ok } => self.al_ready(req, ok, out),
             Event::LocalDone { op, ok } => self.local_done(op, ok, out),
+            Event::ReadUnsent { op } => {
+                self.counters.local_pending = self.counters.local_pending.saturating_sub(1);
+                if let OpId::ResyncRead { link, id } = op {
+                    self.rs_read_done(link, id, false, out);
+                }
+            }
             Event::LinkUp { link } => self.link_up(link, out),
             Event::Digests { op, digests } => self.digests_done(op, digests, out),
             Event::FenceDone { code } => {

@@ -999,3 +999,81 @@ fn a_disk_error_on_the_primary_is_passed_on() {
     assert_eq!(a.core.disk(), DiskState::UpToDate);
     assert_eq!(a.core.cstate(), ConnState::Connected);
 }
+
+/// Every block out of sync, for `pump`.
+struct AllDirty;
+
+impl OutOfSync for AllDirty {
+    fn dirty_bytes(&self) -> u64 {
+        SIZE
+    }
+    fn next_dirty(&self, from: u64, max: u64) -> Option<Range<u64>> {
+        (from < SIZE).then(|| from..SIZE.min(from + max))
+    }
+}
+
+/// A Secondary that is SyncSource reads for the peer; the driver sends a
+/// large read straight from the disk, and a frame dropped with its link
+/// never reaches the peer. That is not a disk error: with
+/// `on-io-error = "detach"` it used to make the source's good disk Failed,
+/// then Diskless. A read that does fail on the disk still counts as one.
+#[test]
+fn a_resync_read_dropped_with_its_link_is_no_disk_error() {
+    for unsent in [true, false] {
+        let mut a = Node::new(Protocol::C, attached_up_to_date(0xAAA0), 1);
+        let mut b = Node::new(Protocol::C, attached_up_to_date(0xAAA0), 2);
+        connect(&mut a, &mut b);
+        a.core.invalidate_remote(&mut a.actions).unwrap();
+        exchange(&mut a, &mut b);
+        assert_eq!(a.core.cstate(), ConnState::SyncSource);
+        assert_eq!(a.core.role(), Role::Secondary);
+        // The target asks for blocks, the source reads them.
+        let mut acts = Vec::new();
+        for _ in 0..8 {
+            b.core.pump(&AllDirty, &mut b.actions);
+            for p in sends(&b.take()) {
+                a.feed(Event::Packet { link: 1, packet: p });
+            }
+            a.core.pump(&AllDirty, &mut a.actions);
+            acts = a.take();
+            if acts.iter().any(|x| matches!(x, Action::LocalRead { .. })) {
+                break;
+            }
+            for p in sends(&acts) {
+                b.feed(Event::Packet { link: 1, packet: p });
+            }
+        }
+        let op = acts
+            .iter()
+            .find_map(|x| match x {
+                Action::LocalRead { op, .. } if matches!(op, OpId::ResyncRead { .. }) => Some(*op),
+                _ => None,
+            })
+            .unwrap_or_else(|| panic!("no resync read: {acts:?}"));
+        a.feed(Event::LinkDown {
+            link: 1,
+            cause: ConnState::BrokenPipe,
+        });
+        a.take();
+        if unsent {
+            a.feed(Event::ReadUnsent { op });
+        } else {
+            a.feed(Event::LocalDone { op, ok: false });
+        }
+        let acts = a.take();
+        let mut later = Vec::new();
+        a.core.pump(&AllDirty, &mut later);
+        if unsent {
+            assert_eq!(a.core.disk(), DiskState::UpToDate, "{acts:?}");
+            assert!(
+                !acts
+                    .iter()
+                    .chain(&later)
+                    .any(|x| matches!(x, Action::Disconnect { .. } | Action::DetachDisk)),
+                "{acts:?} {later:?}"
+            );
+        } else {
+            assert_ne!(a.core.disk(), DiskState::UpToDate, "a real read error");
+        }
+    }
+}

@@ -1039,9 +1039,13 @@ impl Actor {
                     }
                     (_, Err(e)) if link::link_side(&e) => {
                         // The link's writer logs why it stopped; a frame
-                        // dropped with its link needs no line of its own.
+                        // dropped with its link needs no line of its own,
+                        // and is no disk error (`on-io-error = "detach"`
+                        // would otherwise detach a SyncSource's good disk
+                        // whenever its link dropped mid-resync).
                         tracing::debug!("resync data not sent: {e}");
-                        false
+                        self.feed(Event::ReadUnsent { op }).await;
+                        return;
                     }
                     (_, Err(e)) => {
                         // The frame's header is out, so the link went down
