@@ -59,20 +59,41 @@ impl FailingDisk {
     /// Serve `backing` and return the path of the file that fails on
     /// demand.
     fn serve(&mut self, backing: &Path) -> PathBuf {
+        let filter = [
+            "--filter=error".to_string(),
+            "file".into(),
+            format!("file={}", backing.display()),
+            "error-pwrite=EIO".into(),
+            "error-pwrite-rate=100%".into(),
+            format!("error-pwrite-file={}", self.trigger().display()),
+            "error-pread=EIO".into(),
+            "error-pread-rate=100%".into(),
+            format!("error-pread-file={}", self.read_trigger().display()),
+        ];
+        self.serve_with(backing, &filter)
+    }
+
+    /// Serve `backing` with every read of the disk taking `rdelay` longer
+    /// (nbdkit's delay filter): a slow or overloaded disk.
+    fn serve_slow(&mut self, backing: &Path, rdelay: &str) -> PathBuf {
+        let filter = [
+            "--filter=delay".to_string(),
+            "file".into(),
+            format!("file={}", backing.display()),
+            format!("rdelay={rdelay}"),
+        ];
+        self.serve_with(backing, &filter)
+    }
+
+    /// Serve `backing` with nbdkit `args` (filters, plugin and parameters)
+    /// and return the path of the file nbdfuse shows.
+    fn serve_with(&mut self, backing: &Path, args: &[String]) -> PathBuf {
         let port = pair::free_port();
         let log = std::fs::File::create(self.dir.path().join("nbdkit.log")).unwrap();
         self.nbdkit = Some(
             Command::new("nbdkit")
                 .args(["-f", "-i", "127.0.0.1", "-p", &port.to_string()])
-                .args(["--filter=error", "file"])
-                .arg(format!("file={}", backing.display()))
-                .args(["error-pwrite=EIO", "error-pwrite-rate=100%"])
-                .arg(format!("error-pwrite-file={}", self.trigger().display()))
-                .args(["error-pread=EIO", "error-pread-rate=100%"])
-                .arg(format!(
-                    "error-pread-file={}",
-                    self.read_trigger().display()
-                ))
+                .args(args)
                 .stdout(Stdio::null())
                 .stderr(log)
                 .spawn()
@@ -163,15 +184,27 @@ fn pair_with_failing(
     extra_disk: &'static str,
     extra_toml: String,
 ) -> (Pair, PathBuf) {
-    let pair = Pair::create(PairOptions {
+    let options = PairOptions {
         disk_size: 64 * MIB,
         extra_disk,
         extra_toml,
         ..PairOptions::default()
-    });
+    };
+    pair_with_disk(options, node, |real| disk.serve(real))
+}
+
+/// A pair made with `options` whose `node` reads and writes its backing
+/// file through what `serve` makes of it (the real file moves aside and a
+/// symlink takes its place). Connected, in sync, alpha Primary.
+fn pair_with_disk(
+    options: PairOptions,
+    node: pair::Node,
+    serve: impl FnOnce(&Path) -> PathBuf,
+) -> (Pair, PathBuf) {
+    let pair = Pair::create(options);
     let real = pair.scratch().join(format!("{node}-real.img"));
     std::fs::rename(pair.disk(node), &real).unwrap();
-    let file = disk.serve(&real);
+    let file = serve(&real);
     std::os::unix::fs::symlink(&file, pair.disk(node)).unwrap();
     pair.up(Alpha);
     pair.up(Beta);
@@ -355,5 +388,53 @@ fn read_errors_on_the_sync_source_end_the_resync_cleanly() {
         0,
         pair.data_size(),
         "alpha's repaired disk and beta",
+    );
+}
+
+/// A SyncSource whose disk is slow: each 1 MiB resync piece takes about a
+/// second to read, longer than ping-timeout. The pings must not drop the
+/// link meanwhile: this node's own ping, queued behind the frame being read
+/// from the disk, is only due an answer once it has left, and the answer it
+/// owes the peer goes ahead of the frames still queued. (Before, both sides
+/// timed out: "no ping answer within ping-timeout", and the resync started
+/// over from the bitmap after each reconnect.)
+#[test]
+fn a_slow_sync_source_disk_keeps_the_link_up() {
+    require_tool("dd");
+    let mut disk = FailingDisk::new();
+    // The pair pings every second with a ping-timeout of 500 ms.
+    let options = PairOptions {
+        disk_size: 64 * MIB,
+        ..PairOptions::default()
+    };
+    let (pair, alpha_real) = pair_with_disk(options, Alpha, |real| disk.serve_slow(real, "200ms"));
+    pair.ok(Beta, &["disconnect", RES]);
+    write_through_alpha(&pair, 0, 6 * MIB, 0x5a);
+    // Make alpha's resync reads reach the slow disk, not its page cache.
+    let out = Command::new("dd")
+        .arg(format!("if={}", pair.disk(Alpha).display()))
+        .args(["iflag=nocache", "count=0", "status=none"])
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{out:?}");
+    let lost_before = pair.logs().matches("lost:").count();
+    let start = Instant::now();
+    pair.ok(Beta, &["connect", RES]);
+    pair.wait_for(Beta, "dstate", "UpToDate/UpToDate", Duration::from_secs(90));
+    let took = start.elapsed();
+    let logs = pair.logs();
+    assert_eq!(
+        logs.matches("lost:").count(),
+        lost_before,
+        "the link dropped during a {took:?} resync from a slow disk:\n{logs}"
+    );
+    pair.down(Alpha);
+    pair.down(Beta);
+    assert_same_range(
+        &alpha_real,
+        &pair.disk(Beta),
+        0,
+        6 * MIB,
+        "alpha's slow disk and beta",
     );
 }

@@ -504,7 +504,10 @@ async fn establish<T: From<LinkEvent> + Send + 'static>(
     {
         return;
     }
+    let ping = Arc::new(PingState::default());
+    let wping = Arc::clone(&ping);
     let writer = tokio::spawn(async move {
+        let ping = wping;
         let mut buf = BytesMut::with_capacity(64 * 1024);
         // Small frames are gathered into one buffer; a large payload is
         // written straight from the client's buffer after its header, so
@@ -514,7 +517,11 @@ async fn establish<T: From<LinkEvent> + Send + 'static>(
             let mut batch = first;
             let mut closing = false;
             'gather: loop {
+                ping.ack_if_owed(&mut buf);
                 for out in batch.drain(..) {
+                    // An owed ping ack goes at the next frame boundary,
+                    // ahead of the frames still queued.
+                    ping.ack_if_owed(&mut buf);
                     let msg = match out {
                         Out::Frame(msg) => msg,
                         Out::File(mut f) => {
@@ -535,6 +542,11 @@ async fn establish<T: From<LinkEvent> + Send + 'static>(
                         }
                     };
                     closing = matches!(msg, Message::Disconnect { .. });
+                    if matches!(msg, Message::Ping) {
+                        // Written with this buffer, before anything waits
+                        // on the disk: the answer is due from now.
+                        ping.sent.notify_one();
+                    }
                     let big = msg.payload().filter(|d| d.len() > 64 * 1024).cloned();
                     match big {
                         Some(payload) => {
@@ -575,7 +587,7 @@ async fn establish<T: From<LinkEvent> + Send + 'static>(
         }
         "closed by this node".into()
     });
-    let (cause, reason) = read_loop(&sh, id, &mut reader, &tx).await;
+    let (cause, reason) = read_loop(&sh, id, &mut reader, &tx, &ping).await;
     writer.abort();
     sh.active.store(false, Ordering::Release);
     let _ = sh
@@ -589,10 +601,13 @@ async fn read_loop<T: From<LinkEvent> + Send + 'static>(
     id: u64,
     reader: &mut FrameReader<tokio::net::tcp::OwnedReadHalf>,
     tx: &mpsc::Sender<Vec<Out>>,
+    state: &PingState,
 ) -> (ConnState, String) {
     let mut ping = tokio::time::interval(sh.s.ping_int);
     ping.tick().await;
     let mut deadline: Option<tokio::time::Instant> = None;
+    // Our ping is queued but not yet written: the peer cannot answer it yet.
+    let mut queued = false;
     loop {
         let wait_ping = async {
             match deadline {
@@ -636,7 +651,12 @@ async fn read_loop<T: From<LinkEvent> + Send + 'static>(
                 while let Some(msg) = next.take() {
                     match msg {
                         Message::Ping => {
-                            let _ = tx.try_send(vec![Out::Frame(Message::PingAck)]);
+                            // Owed, not queued: frames already queued (a
+                            // resync frame read from a cold disk can take
+                            // a while) must not delay it past ping-timeout.
+                            // The empty batch wakes an idle writer.
+                            state.ack_owed.store(true, Ordering::Release);
+                            let _ = tx.try_send(Vec::new());
                         }
                         msg => {
                             closing = matches!(msg, Message::Disconnect { .. });
@@ -667,9 +687,15 @@ async fn read_loop<T: From<LinkEvent> + Send + 'static>(
                 }
             },
             _ = ping.tick() => {
-                if deadline.is_none() && tx.try_send(vec![Out::Frame(Message::Ping)]).is_ok() {
-                    deadline = Some(tokio::time::Instant::now() + sh.s.ping_timeout);
+                if deadline.is_none() && !queued && tx.try_send(vec![Out::Frame(Message::Ping)]).is_ok() {
+                    queued = true;
                 }
+            }
+            // The answer is due ping-timeout after the ping left, not after
+            // it was queued behind frames this node is still sending.
+            _ = state.sent.notified(), if queued => {
+                queued = false;
+                deadline = Some(tokio::time::Instant::now() + sh.s.ping_timeout);
             }
             _ = wait_ping => {
                 return (
@@ -677,6 +703,23 @@ async fn read_loop<T: From<LinkEvent> + Send + 'static>(
                     format!("no ping answer within ping-timeout {:?}", sh.s.ping_timeout),
                 );
             }
+        }
+    }
+}
+
+/// The ping exchange between a link's reader and its writer.
+#[derive(Default)]
+struct PingState {
+    /// The peer pinged and is owed an answer.
+    ack_owed: AtomicBool,
+    /// The writer is sending our ping.
+    sent: tokio::sync::Notify,
+}
+
+impl PingState {
+    fn ack_if_owed(&self, buf: &mut BytesMut) {
+        if self.ack_owed.load(Ordering::Relaxed) && self.ack_owed.swap(false, Ordering::AcqRel) {
+            tandem_wire::encode(&Message::PingAck, buf);
         }
     }
 }
