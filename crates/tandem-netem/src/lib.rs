@@ -156,7 +156,9 @@ fn new_pipe() -> io::Result<Pipe> {
     let (r, w) = pipe_with(PipeFlags::CLOEXEC | PipeFlags::NONBLOCK)?;
     // A smaller pipe (the size may be capped lower here) only makes
     // smaller pieces.
-    let cap = fcntl_setpipe_size(&w, PIECE).unwrap_or(64 * 1024);
+    let cap = fcntl_setpipe_size(&w, PIECE)
+        .or_else(|_| rustix::pipe::fcntl_getpipe_size(&w))
+        .unwrap_or(4096);
     Ok(Pipe { r, w, cap })
 }
 
@@ -194,8 +196,14 @@ async fn direction(
                         None => match new_pipe() {
                             Ok(p) => p,
                             Err(e) => {
-                                warn!("cannot create a pipe: {e}");
-                                break;
+                                // Out of descriptors (or pipe memory) for
+                                // now: pieces in flight give theirs back.
+                                warn!("cannot create a pipe: {e}; trying again");
+                                tokio::select! {
+                                    _ = tokio::time::sleep(Duration::from_millis(10)) => continue,
+                                    _ = stop.wait_for(|s| *s) => break,
+                                    _ = tx.closed() => break,
+                                }
                             }
                         },
                     },
@@ -208,6 +216,7 @@ async fn direction(
                         Err(_) => break,
                     },
                     _ = stop.wait_for(|s| *s) => break,
+                    _ = tx.closed() => break,
                 };
                 let (len, eof) = tokio::select! {
                     r = fill(&from, &pipe, most) => match r {
@@ -218,6 +227,7 @@ async fn direction(
                         }
                     },
                     _ = stop.wait_for(|s| *s) => break,
+                    _ = tx.closed() => break,
                 };
                 if len == 0 {
                     if eof {
@@ -303,18 +313,21 @@ async fn fill(from: &TcpStream, pipe: &Pipe, most: usize) -> io::Result<(usize, 
                 Err(rustix::io::Errno::AGAIN) => {
                     // Either the socket is empty or the pipe is full (it
                     // runs out of slots before bytes when segments are
-                    // small). Only an empty socket waits for readiness.
-                    if ioctl_fionread(from).unwrap_or(0) > 0 {
-                        return Ok((len, false));
-                    }
-                    let _ = from.try_io(Interest::READABLE, || {
-                        Err::<(), _>(io::ErrorKind::WouldBlock.into())
+                    // small). Only an empty socket waits for readiness;
+                    // asking inside `try_io` clears only the readiness seen
+                    // before the question, so bytes arriving after it wake
+                    // the next wait.
+                    let full = from.try_io(Interest::READABLE, || match ioctl_fionread(from) {
+                        Ok(n) if n > 0 => Ok(()),
+                        _ => Err(io::ErrorKind::WouldBlock.into()),
                     });
-                    if len > 0 {
+                    if full.is_ok() || len > 0 {
                         return Ok((len, false));
                     }
                     break;
                 }
+                // What was taken still goes out before the end.
+                Err(_) if len > 0 => return Ok((len, true)),
                 Err(e) => return Err(e.into()),
             }
         }
