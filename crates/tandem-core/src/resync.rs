@@ -571,33 +571,35 @@ impl Core {
 
     /// Source: a read for the peer finished.
     pub(crate) fn rs_read_done(&mut self, link: u64, id: u64, ok: bool, out: &mut Vec<Action>) {
-        let current = self.link == Some(link);
+        if self.link != Some(link) {
+            // That link's resync went with it; ids restart with every
+            // resync, so this one's read of the same id is not ours.
+            return;
+        }
         let Some(range) = self.sync.as_mut().and_then(|s| s.reads.remove(&id)) else {
             return;
         };
-        if current {
-            let span = self.sync.as_mut().and_then(|s| s.span.remove(&id));
-            if ok {
-                let data = span.clone().unwrap_or(range.clone());
-                self.counters.resync_sent += data.end - data.start;
-                if let Some(s) = self.sync.as_mut() {
-                    s.served(id, &range);
-                }
-                out.push(Action::Send(Packet::RsData {
-                    id,
-                    offset: data.start,
-                    len: data.end - data.start,
-                }));
-                if span.is_some() {
-                    out.push(Action::Send(Packet::RsInSync {
-                        id,
-                        offset: range.start,
-                        len: range.end - range.start,
-                    }));
-                }
-            } else {
-                out.push(Action::Send(Packet::RsNegAck { id }));
+        let span = self.sync.as_mut().and_then(|s| s.span.remove(&id));
+        if ok {
+            let data = span.clone().unwrap_or(range.clone());
+            self.counters.resync_sent += data.end - data.start;
+            if let Some(s) = self.sync.as_mut() {
+                s.served(id, &range);
             }
+            out.push(Action::Send(Packet::RsData {
+                id,
+                offset: data.start,
+                len: data.end - data.start,
+            }));
+            if span.is_some() {
+                out.push(Action::Send(Packet::RsInSync {
+                    id,
+                    offset: range.start,
+                    len: range.end - range.start,
+                }));
+            }
+        } else {
+            out.push(Action::Send(Packet::RsNegAck { id }));
         }
         // Client writes overlapping the read may start now.
         self.start_waiting(out);

@@ -1012,6 +1012,89 @@ impl OutOfSync for AllDirty {
     }
 }
 
+/// Connect `a` and `b` on `link`, `invalidate-remote` on `a` and run the
+/// resync until `a` reads for it: that read's op.
+fn first_resync_read(a: &mut Node, b: &mut Node, link: u64) -> OpId {
+    a.feed(Event::LinkUp { link });
+    b.feed(Event::LinkUp { link });
+    for _ in 0..4 {
+        let (to_b, to_a) = (sends(&a.take()), sends(&b.take()));
+        for p in to_b {
+            b.feed(Event::Packet { link, packet: p });
+        }
+        for p in to_a {
+            a.feed(Event::Packet { link, packet: p });
+        }
+    }
+    if a.core.cstate() == ConnState::Connected {
+        a.core.invalidate_remote(&mut a.actions).unwrap();
+    }
+    let mut acts = Vec::new();
+    for _ in 0..8 {
+        let (to_b, to_a) = (sends(&a.take()), sends(&b.take()));
+        for p in to_b {
+            b.feed(Event::Packet { link, packet: p });
+        }
+        for p in to_a {
+            a.feed(Event::Packet { link, packet: p });
+        }
+        // The target asks for blocks, the source reads them.
+        b.core.pump(&AllDirty, &mut b.actions);
+        for p in sends(&b.take()) {
+            a.feed(Event::Packet { link, packet: p });
+        }
+        a.core.pump(&AllDirty, &mut a.actions);
+        acts = a.take();
+        if let Some(op) = acts.iter().find_map(|x| match x {
+            Action::LocalRead { op, .. } if matches!(op, OpId::ResyncRead { .. }) => Some(*op),
+            _ => None,
+        }) {
+            a.actions = acts;
+            return op;
+        }
+        for p in sends(&acts) {
+            b.feed(Event::Packet { link, packet: p });
+        }
+    }
+    panic!("no resync read on link {link}: {acts:?}");
+}
+
+/// Resync ids start again with every resync. A read that completes for a
+/// link that is gone must not stand in for the new resync's read of the
+/// same id: that one's data would never be sent and the resync would stall.
+#[test]
+fn a_late_resync_read_of_an_old_link_leaves_the_new_resync_alone() {
+    let mut a = Node::new(Protocol::C, attached_up_to_date(0xAAA0), 1);
+    let mut b = Node::new(Protocol::C, attached_up_to_date(0xAAA0), 2);
+    let old = first_resync_read(&mut a, &mut b, 1);
+    for n in [&mut a, &mut b] {
+        n.feed(Event::LinkDown {
+            link: 1,
+            cause: ConnState::BrokenPipe,
+        });
+        n.take();
+    }
+    let new = first_resync_read(&mut a, &mut b, 2);
+    let (OpId::ResyncRead { id: old_id, .. }, OpId::ResyncRead { id: new_id, .. }) = (old, new)
+    else {
+        unreachable!()
+    };
+    assert_eq!(old_id, new_id, "the ids start again");
+    a.take();
+    a.feed(Event::LocalDone { op: old, ok: true });
+    assert!(
+        sends(&a.take()).is_empty(),
+        "the old link's read sent something"
+    );
+    a.feed(Event::LocalDone { op: new, ok: true });
+    let sent = sends(&a.take());
+    assert!(
+        sent.iter()
+            .any(|p| matches!(p, Packet::RsData { id, .. } if *id == new_id)),
+        "the new resync's read was not answered: {sent:?}"
+    );
+}
+
 /// A Secondary that is SyncSource reads for the peer; the driver sends a
 /// large read straight from the disk, and a frame dropped with its link
 /// never reaches the peer. That is not a disk error: with
@@ -1022,34 +1105,9 @@ fn a_resync_read_dropped_with_its_link_is_no_disk_error() {
     for unsent in [true, false] {
         let mut a = Node::new(Protocol::C, attached_up_to_date(0xAAA0), 1);
         let mut b = Node::new(Protocol::C, attached_up_to_date(0xAAA0), 2);
-        connect(&mut a, &mut b);
-        a.core.invalidate_remote(&mut a.actions).unwrap();
-        exchange(&mut a, &mut b);
+        let op = first_resync_read(&mut a, &mut b, 1);
         assert_eq!(a.core.cstate(), ConnState::SyncSource);
         assert_eq!(a.core.role(), Role::Secondary);
-        // The target asks for blocks, the source reads them.
-        let mut acts = Vec::new();
-        for _ in 0..8 {
-            b.core.pump(&AllDirty, &mut b.actions);
-            for p in sends(&b.take()) {
-                a.feed(Event::Packet { link: 1, packet: p });
-            }
-            a.core.pump(&AllDirty, &mut a.actions);
-            acts = a.take();
-            if acts.iter().any(|x| matches!(x, Action::LocalRead { .. })) {
-                break;
-            }
-            for p in sends(&acts) {
-                b.feed(Event::Packet { link: 1, packet: p });
-            }
-        }
-        let op = acts
-            .iter()
-            .find_map(|x| match x {
-                Action::LocalRead { op, .. } if matches!(op, OpId::ResyncRead { .. }) => Some(*op),
-                _ => None,
-            })
-            .unwrap_or_else(|| panic!("no resync read: {acts:?}"));
         a.feed(Event::LinkDown {
             link: 1,
             cause: ConnState::BrokenPipe,

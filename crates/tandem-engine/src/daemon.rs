@@ -1017,9 +1017,14 @@ impl Actor {
             Input::Digests(op, digests) => self.feed(Event::Digests { op, digests }).await,
             Input::ReadDone(op, r) => {
                 let ok = match (op, r) {
-                    (OpId::ResyncRead { id, .. }, Ok(data)) => {
+                    (OpId::ResyncRead { link, id }, Ok(data)) => {
                         self.counters_extra.disk_read += data.len() as u64;
-                        self.rs_out.insert(id, data);
+                        // Ids restart with every resync: a read finishing
+                        // for a link that is gone must not stand in for the
+                        // new resync's read of the same id.
+                        if self.link.as_ref().is_some_and(|l| l.id == link) {
+                            self.rs_out.insert(id, data);
+                        }
                         true
                     }
                     (_, Err(e)) => {
@@ -1032,9 +1037,11 @@ impl Actor {
             }
             Input::RsSent(op, len, r) => {
                 let ok = match (op, r) {
-                    (OpId::ResyncRead { id, .. }, Ok(())) => {
+                    (OpId::ResyncRead { link, id }, Ok(())) => {
                         self.counters_extra.disk_read += len;
-                        self.rs_sent.insert(id);
+                        if self.link.as_ref().is_some_and(|l| l.id == link) {
+                            self.rs_sent.insert(id);
+                        }
                         true
                     }
                     (_, Err(e)) if link::link_side(&e) => {

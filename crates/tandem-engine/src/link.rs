@@ -218,7 +218,24 @@ async fn send_file_range(
                     }
                 }
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
-                Err(e) => return Err(e),
+                Err(e) => {
+                    // `sendfile` fails for the file or for the socket, and
+                    // the error's kind does not say which (a FUSE file whose
+                    // server died says ENOTCONN): a socket in error or hung
+                    // up decides that the link failed, otherwise the disk.
+                    let mut p = [PollFd::new(&fd, PollFlags::OUT)];
+                    let now = Timespec {
+                        tv_sec: 0,
+                        tv_nsec: 0,
+                    };
+                    let broken = poll(&mut p, Some(&now)).is_ok()
+                        && p[0].revents().intersects(PollFlags::ERR | PollFlags::HUP);
+                    return Err(if broken {
+                        io::Error::new(io::ErrorKind::ConnectionReset, e)
+                    } else {
+                        io::Error::other(format!("reading the disk: {e}"))
+                    });
+                }
             }
         }
         Ok(())
@@ -517,11 +534,11 @@ async fn establish<T: From<LinkEvent> + Send + 'static>(
             let mut batch = first;
             let mut closing = false;
             'gather: loop {
-                ping.ack_if_owed(&mut buf);
+                ping.owed_frames(&mut buf);
                 for out in batch.drain(..) {
-                    // An owed ping ack goes at the next frame boundary,
-                    // ahead of the frames still queued.
-                    ping.ack_if_owed(&mut buf);
+                    // An owed ping or ping ack goes at the next frame
+                    // boundary, ahead of the frames still queued.
+                    ping.owed_frames(&mut buf);
                     let msg = match out {
                         Out::Frame(msg) => msg,
                         Out::File(mut f) => {
@@ -542,11 +559,6 @@ async fn establish<T: From<LinkEvent> + Send + 'static>(
                         }
                     };
                     closing = matches!(msg, Message::Disconnect { .. });
-                    if matches!(msg, Message::Ping) {
-                        // Written with this buffer, before anything waits
-                        // on the disk: the answer is due from now.
-                        ping.sent.notify_one();
-                    }
                     let big = msg.payload().filter(|d| d.len() > 64 * 1024).cloned();
                     match big {
                         Some(payload) => {
@@ -606,8 +618,15 @@ async fn read_loop<T: From<LinkEvent> + Send + 'static>(
     let mut ping = tokio::time::interval(sh.s.ping_int);
     ping.tick().await;
     let mut deadline: Option<tokio::time::Instant> = None;
-    // Our ping is queued but not yet written: the peer cannot answer it yet.
+    // Our ping is owed to the writer but not yet written: the peer cannot
+    // answer it yet.
     let mut queued = false;
+    // When the last frame from the peer arrived.
+    let mut heard = tokio::time::Instant::now();
+    // The peer's silence that ends the link while our ping waits to leave
+    // (the writer may be stuck behind a full socket to a dead peer): what
+    // the peer allows us in the middle of a frame.
+    let backstop = sh.s.ping_int + sh.s.ping_timeout;
     loop {
         let wait_ping = async {
             match deadline {
@@ -620,7 +639,8 @@ async fn read_loop<T: From<LinkEvent> + Send + 'static>(
                 let first = match m {
                     Ok(Some(Frame::Whole(msg))) => msg,
                     Ok(Some(Frame::Bulk { head, rest })) => {
-                        deadline = None;
+                        heard = tokio::time::Instant::now();
+                        deadline = queued.then(|| heard + backstop);
                         // The rest of the frame is the peer's to send now; one
                         // that stalls inside it for a whole ping-timeout is dead.
                         let limit = sh.s.ping_int + sh.s.ping_timeout;
@@ -642,7 +662,8 @@ async fn read_loop<T: From<LinkEvent> + Send + 'static>(
                     Err(e) => return (ConnState::ProtocolError, format!("receive failed: {e}")),
                 };
                 // Any frame proves the peer alive.
-                deadline = None;
+                heard = tokio::time::Instant::now();
+                deadline = queued.then(|| heard + backstop);
                 // Every frame the same read brought in goes to the actor in
                 // one event: one wake-up for many acks or writes.
                 let mut msgs = Vec::new();
@@ -687,21 +708,34 @@ async fn read_loop<T: From<LinkEvent> + Send + 'static>(
                 }
             },
             _ = ping.tick() => {
-                if deadline.is_none() && !queued && tx.try_send(vec![Out::Frame(Message::Ping)]).is_ok() {
+                if deadline.is_none() && !queued {
+                    // Owed, not queued, as the peer's ping ack: it leaves at
+                    // the writer's next frame boundary. The empty batch
+                    // wakes an idle writer.
+                    state.ping_owed.store(true, Ordering::Release);
+                    let _ = tx.try_send(Vec::new());
                     queued = true;
+                    deadline = Some(tokio::time::Instant::now() + backstop);
                 }
             }
             // The answer is due ping-timeout after the ping left, not after
-            // it was queued behind frames this node is still sending.
+            // it waited for a frame this node is still sending; a frame
+            // heard since it left answers it.
             _ = state.sent.notified(), if queued => {
                 queued = false;
-                deadline = Some(tokio::time::Instant::now() + sh.s.ping_timeout);
+                let sent = state.sent_at.lock().ok().and_then(|t| *t);
+                deadline = match sent {
+                    Some(at) if heard < at => Some(at + sh.s.ping_timeout),
+                    _ => None,
+                };
             }
             _ = wait_ping => {
-                return (
-                    ConnState::Timeout,
-                    format!("no ping answer within ping-timeout {:?}", sh.s.ping_timeout),
-                );
+                let why = if queued {
+                    format!("the peer sent nothing for {backstop:?} while our ping waited to be sent")
+                } else {
+                    format!("no ping answer within ping-timeout {:?}", sh.s.ping_timeout)
+                };
+                return (ConnState::Timeout, why);
             }
         }
     }
@@ -712,14 +746,27 @@ async fn read_loop<T: From<LinkEvent> + Send + 'static>(
 struct PingState {
     /// The peer pinged and is owed an answer.
     ack_owed: AtomicBool,
-    /// The writer is sending our ping.
+    /// Our ping is to go out.
+    ping_owed: AtomicBool,
+    /// When the writer put our last ping on the wire.
+    sent_at: std::sync::Mutex<Option<tokio::time::Instant>>,
+    /// The writer has sent our ping.
     sent: tokio::sync::Notify,
 }
 
 impl PingState {
-    fn ack_if_owed(&self, buf: &mut BytesMut) {
+    /// Put the owed ping and ping ack in `buf`, between two frames: it is
+    /// written before anything else waits, on the disk or the socket.
+    fn owed_frames(&self, buf: &mut BytesMut) {
         if self.ack_owed.load(Ordering::Relaxed) && self.ack_owed.swap(false, Ordering::AcqRel) {
             tandem_wire::encode(&Message::PingAck, buf);
+        }
+        if self.ping_owed.load(Ordering::Relaxed) && self.ping_owed.swap(false, Ordering::AcqRel) {
+            tandem_wire::encode(&Message::Ping, buf);
+            if let Ok(mut at) = self.sent_at.lock() {
+                *at = Some(tokio::time::Instant::now());
+            }
+            self.sent.notify_one();
         }
     }
 }
