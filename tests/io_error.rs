@@ -216,6 +216,16 @@ fn pair_with_disk(
     (pair, real)
 }
 
+/// Drop `file` from the page cache, so that the next reads reach its disk.
+fn drop_cache(file: &Path) {
+    let out = Command::new("dd")
+        .arg(format!("if={}", file.display()))
+        .args(["iflag=nocache", "count=0", "status=none"])
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{out:?}");
+}
+
 /// Write `len` bytes of `byte` at `off` through alpha's NBD export and
 /// flush; panics if the client sees an error.
 fn write_through_alpha(pair: &Pair, off: u64, len: u64, byte: u8) {
@@ -348,12 +358,7 @@ fn read_errors_on_the_sync_source_end_the_resync_cleanly() {
     let (pair, alpha_real) = pair_with_failing(&mut disk, Alpha, "", String::new());
     write_through_alpha(&pair, 0, 8 * MIB, 0x77);
     // Make alpha's next reads reach the (failing) disk, not its page cache.
-    let out = Command::new("dd")
-        .arg(format!("if={}", pair.disk(Alpha).display()))
-        .args(["iflag=nocache", "count=0", "status=none"])
-        .output()
-        .unwrap();
-    assert!(out.status.success(), "{out:?}");
+    drop_cache(&pair.disk(Alpha));
 
     disk.fail_reads(true);
     pair.ok(Alpha, &["invalidate-remote", RES]);
@@ -411,12 +416,7 @@ fn a_slow_sync_source_disk_keeps_the_link_up() {
     pair.ok(Beta, &["disconnect", RES]);
     write_through_alpha(&pair, 0, 6 * MIB, 0x5a);
     // Make alpha's resync reads reach the slow disk, not its page cache.
-    let out = Command::new("dd")
-        .arg(format!("if={}", pair.disk(Alpha).display()))
-        .args(["iflag=nocache", "count=0", "status=none"])
-        .output()
-        .unwrap();
-    assert!(out.status.success(), "{out:?}");
+    drop_cache(&pair.disk(Alpha));
     let lost_before = pair.logs().matches("lost:").count();
     let start = Instant::now();
     pair.ok(Beta, &["connect", RES]);
