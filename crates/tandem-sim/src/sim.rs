@@ -1281,6 +1281,12 @@ impl Sim {
             }
             LocalWhat::Read { blocks } => {
                 if let OpId::ResyncRead { link, id } = op.op {
+                    if self.link != Some(link) && self.rng.chance(5_000) {
+                        // Read straight from the disk into the link's
+                        // frame (`sendfile`), which went with its link.
+                        self.handle(n, Event::ReadUnsent { op: op.op })?;
+                        return self.pump();
+                    }
                     let values = blocks.map(|b| self.nodes[n].disk.read(b)).collect();
                     self.nodes[n].rs_out.insert((link, id), values);
                 }
