@@ -1012,32 +1012,32 @@ impl OutOfSync for AllDirty {
     }
 }
 
+/// Deliver what each node has sent to the other, once, on `link`.
+fn deliver(a: &mut Node, b: &mut Node, link: u64) {
+    let (to_b, to_a) = (sends(&a.take()), sends(&b.take()));
+    for p in to_b {
+        b.feed(Event::Packet { link, packet: p });
+    }
+    for p in to_a {
+        a.feed(Event::Packet { link, packet: p });
+    }
+}
+
 /// Connect `a` and `b` on `link`, `invalidate-remote` on `a` and run the
 /// resync until `a` reads for it: that read's op.
 fn first_resync_read(a: &mut Node, b: &mut Node, link: u64) -> OpId {
     a.feed(Event::LinkUp { link });
     b.feed(Event::LinkUp { link });
     for _ in 0..4 {
-        let (to_b, to_a) = (sends(&a.take()), sends(&b.take()));
-        for p in to_b {
-            b.feed(Event::Packet { link, packet: p });
-        }
-        for p in to_a {
-            a.feed(Event::Packet { link, packet: p });
-        }
+        deliver(a, b, link);
     }
+    // After a reconnect the interrupted resync resumes by itself.
     if a.core.cstate() == ConnState::Connected {
         a.core.invalidate_remote(&mut a.actions).unwrap();
     }
     let mut acts = Vec::new();
     for _ in 0..8 {
-        let (to_b, to_a) = (sends(&a.take()), sends(&b.take()));
-        for p in to_b {
-            b.feed(Event::Packet { link, packet: p });
-        }
-        for p in to_a {
-            a.feed(Event::Packet { link, packet: p });
-        }
+        deliver(a, b, link);
         // The target asks for blocks, the source reads them.
         b.core.pump(&AllDirty, &mut b.actions);
         for p in sends(&b.take()) {
