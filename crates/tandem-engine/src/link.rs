@@ -639,20 +639,25 @@ async fn read_loop<T: From<LinkEvent> + Send + 'static>(
                 let first = match m {
                     Ok(Some(Frame::Whole(msg))) => msg,
                     Ok(Some(Frame::Bulk { head, rest })) => {
+                        // The rest of the frame is the peer's to send now. It
+                        // may take long (a slow link, or a payload the peer
+                        // reads from a slow disk as it sends), but a peer
+                        // that sends nothing inside it for ping-int +
+                        // ping-timeout is dead.
+                        let event = match take_bulk(reader, head, rest, backstop).await {
+                            Ok((msg, None)) => LinkEvent::Messages { id, msgs: vec![msg] },
+                            Ok((msg, Some(piped))) => LinkEvent::Bulk { id, msg, piped },
+                            Err(e) if e.kind() == io::ErrorKind::TimedOut => return (
+                                ConnState::Timeout,
+                                format!("the peer stopped sending in the middle of a frame for {backstop:?}"),
+                            ),
+                            Err(e) => return (ConnState::BrokenPipe, format!("receive failed: {e}")),
+                        };
+                        // The frame proves the peer alive when it ends: our
+                        // ping may have left while it arrived, and the peer
+                        // answers that ping only after the frame.
                         heard = tokio::time::Instant::now();
                         deadline = queued.then(|| heard + backstop);
-                        // The rest of the frame is the peer's to send now; one
-                        // that stalls inside it for a whole ping-timeout is dead.
-                        let limit = sh.s.ping_int + sh.s.ping_timeout;
-                        let event = match tokio::time::timeout(limit, take_bulk(reader, head, rest)).await {
-                            Ok(Ok((msg, None))) => LinkEvent::Messages { id, msgs: vec![msg] },
-                            Ok(Ok((msg, Some(piped)))) => LinkEvent::Bulk { id, msg, piped },
-                            Ok(Err(e)) => return (ConnState::BrokenPipe, format!("receive failed: {e}")),
-                            Err(_) => return (
-                                ConnState::Timeout,
-                                format!("the peer stopped sending in the middle of a frame for {limit:?}"),
-                            ),
-                        };
                         if sh.events.send(T::from(event)).await.is_err() {
                             return (ConnState::Unconnected, "the resource is stopping".into());
                         }
@@ -779,10 +784,11 @@ async fn take_bulk(
     reader: &mut FrameReader<tokio::net::tcp::OwnedReadHalf>,
     msg: Message,
     rest: usize,
+    stall: Duration,
 ) -> io::Result<(Message, Option<Piped>)> {
     let total = msg.payload().map_or(0, |d| d.len()) + rest;
     let pipe_size = if total <= PIPE_MAX { total } else { 0 };
-    take_bulk_via(reader, msg, rest, pipe_size, MAX_CHAIN).await
+    take_bulk_via(reader, msg, rest, pipe_size, MAX_CHAIN, stall).await
 }
 
 /// Pipes one payload may take. A pipe counts slots, not bytes, and a slot
@@ -819,6 +825,7 @@ async fn take_bulk_via(
     rest: usize,
     pipe_size: usize,
     max_chain: usize,
+    stall: Duration,
 ) -> io::Result<(Message, Option<Piped>)> {
     use rustix::pipe::{splice, SpliceFlags};
     use tokio::io::Interest;
@@ -840,7 +847,7 @@ async fn take_bulk_via(
         if spliced == rest {
             break;
         }
-        sock.readable().await?;
+        stalled(stall, sock.readable()).await??;
         // EAGAIN means an empty socket (wait for it) or a full pipe, and
         // only the first may clear tokio's readiness: with bytes waiting
         // and readiness cleared, nothing would wake the read that takes
@@ -919,13 +926,26 @@ async fn take_bulk_via(
         all.resize(start + part.len, 0);
         tandem_blockdev::read_pipe_exact(&part.fd, &mut all[start..])?;
     }
-    let start = all.len();
+    let mut at = all.len();
     all.resize(head.len() + rest, 0);
-    reader.get_mut().read_exact(&mut all[start..]).await?;
+    while at < all.len() {
+        match stalled(stall, reader.get_mut().read(&mut all[at..])).await?? {
+            0 => return Err(io::ErrorKind::UnexpectedEof.into()),
+            n => at += n,
+        }
+    }
     if let Some(data) = bulk_data(&mut msg) {
         *data = bytes::Bytes::from(all);
     }
     Ok((msg, None))
+}
+
+/// `f`, or a `TimedOut` error when it takes longer than `stall`: how long
+/// a peer may send nothing in the middle of a frame.
+async fn stalled<F: std::future::Future>(stall: Duration, f: F) -> io::Result<F::Output> {
+    tokio::time::timeout(stall, f)
+        .await
+        .map_err(|_| io::Error::new(io::ErrorKind::TimedOut, "the peer stopped sending"))
 }
 
 /// The payload of a `Data` or `RsData` message.
@@ -1016,6 +1036,9 @@ mod tests {
 mod bulk_tests {
     use super::*;
     use bytes::Bytes;
+
+    /// A stall limit no test's healthy sender comes near.
+    const LONG: Duration = Duration::from_secs(30);
 
     fn pattern(n: usize, seed: u8) -> Bytes {
         (0..n)
@@ -1110,7 +1133,7 @@ mod bulk_tests {
                 Some(Frame::Bulk { head, rest }) => (head, rest),
                 other => panic!("case {i}: expected a bulk frame, got {other:?}"),
             };
-            let (mut msg, piped) = take_bulk(&mut reader, head, rest).await.unwrap();
+            let (mut msg, piped) = take_bulk(&mut reader, head, rest, LONG).await.unwrap();
             let mut all = bulk_data(&mut msg).unwrap().to_vec();
             eprintln!(
                 "case {i}: {n} bytes, {}",
@@ -1151,7 +1174,7 @@ mod bulk_tests {
         let Some(Frame::Bulk { head, rest }) = reader.next_frame(SPLICE_MIN).await.unwrap() else {
             panic!("expected a bulk frame");
         };
-        let (mut msg, piped) = take_bulk_via(&mut reader, head, rest, PAGE, MAX_CHAIN)
+        let (mut msg, piped) = take_bulk_via(&mut reader, head, rest, PAGE, MAX_CHAIN, LONG)
             .await
             .unwrap();
         let mut all = bulk_data(&mut msg).unwrap().to_vec();
@@ -1177,7 +1200,7 @@ mod bulk_tests {
         let Some(Frame::Bulk { head, rest }) = reader.next_frame(SPLICE_MIN).await.unwrap() else {
             panic!("expected a bulk frame");
         };
-        let (mut msg, piped) = take_bulk_via(&mut reader, head, rest, 128 * 1024, 1)
+        let (mut msg, piped) = take_bulk_via(&mut reader, head, rest, 128 * 1024, 1, LONG)
             .await
             .unwrap();
         assert!(
@@ -1213,11 +1236,76 @@ mod bulk_tests {
         let Some(Frame::Bulk { head, rest }) = reader.next_frame(SPLICE_MIN).await.unwrap() else {
             panic!("expected a bulk frame");
         };
-        let (mut msg, piped) = take_bulk(&mut reader, head, rest).await.unwrap();
+        let (mut msg, piped) = take_bulk(&mut reader, head, rest, LONG).await.unwrap();
         assert!(piped.is_none(), "no pipe beyond MAX_PIPES");
         assert!(bulk_data(&mut msg).unwrap() == &data);
         drop(held);
         assert!(PipeSlot::take().is_some(), "slots come back when released");
         drop(late.await.unwrap());
+    }
+
+    /// A payload that trickles in for longer than the stall limit is taken
+    /// whole as long as bytes keep coming (a slow link, or a peer reading
+    /// it from a slow disk as it sends); a sender silent for the whole
+    /// limit in the middle of it is reported as timed out, through a pipe
+    /// and through memory alike.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_slow_payload_arrives_and_a_stalled_one_times_out() {
+        let stall = Duration::from_millis(300);
+        for (case, pipe_size) in [("pipe", PIPE_MAX), ("memory", 0)] {
+            let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+            let addr = listener.local_addr().unwrap();
+            let data = pattern(256 * 1024, 3);
+            let buf = rs_data_then_ping(3, &data);
+            let sender = tokio::spawn(async move {
+                let mut s = TcpStream::connect(addr).await.unwrap();
+                s.set_nodelay(true).unwrap();
+                // 8 pieces 100 ms apart: 700 ms in all, never 300 ms silent.
+                for part in buf.chunks(buf.len().div_ceil(8)) {
+                    s.write_all(part).await.unwrap();
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                }
+                // A second frame that stops halfway for longer than the limit.
+                let buf = rs_data_then_ping(4, &pattern(256 * 1024, 4));
+                s.write_all(&buf[..buf.len() / 2]).await.unwrap();
+                tokio::time::sleep(stall * 3).await;
+                s
+            });
+            let (sock, _) = listener.accept().await.unwrap();
+            let (rd, _wr) = sock.into_split();
+            let mut reader = FrameReader::new(rd);
+            let start = tokio::time::Instant::now();
+            let Some(Frame::Bulk { head, rest }) = reader.next_frame(SPLICE_MIN).await.unwrap()
+            else {
+                panic!("{case}: expected a bulk frame");
+            };
+            let (mut msg, piped) =
+                take_bulk_via(&mut reader, head, rest, pipe_size, MAX_CHAIN, stall)
+                    .await
+                    .unwrap_or_else(|e| panic!("{case}: a steady slow payload failed: {e}"));
+            assert!(
+                start.elapsed() > stall,
+                "{case}: the payload came too fast to test anything"
+            );
+            let mut all = bulk_data(&mut msg).unwrap().to_vec();
+            assert_eq!(piped.is_some(), pipe_size > 0, "{case}: the path taken");
+            if let Some(p) = piped {
+                read_piped(&mut all, p);
+            }
+            assert!(all == data, "{case}: payload bytes differ");
+            assert!(matches!(
+                reader.next_frame(SPLICE_MIN).await.unwrap(),
+                Some(Frame::Whole(Message::Ping))
+            ));
+            let Some(Frame::Bulk { head, rest }) = reader.next_frame(SPLICE_MIN).await.unwrap()
+            else {
+                panic!("{case}: expected the second bulk frame");
+            };
+            match take_bulk_via(&mut reader, head, rest, pipe_size, MAX_CHAIN, stall).await {
+                Err(e) => assert_eq!(e.kind(), io::ErrorKind::TimedOut, "{case}: {e}"),
+                Ok(_) => panic!("{case}: a payload that stopped halfway was taken"),
+            }
+            drop(sender.await.unwrap());
+        }
     }
 }
