@@ -560,7 +560,7 @@ impl FileDevice {
     /// without copying the pipes' bytes through user space; their
     /// writeback starts at once (meant for data a flush follows soon, see
     /// `Inner::start_writeback`).
-    pub async fn write_piped(
+    pub async fn write_from_pipes(
         &self,
         offset: u64,
         head: Bytes,
@@ -702,6 +702,22 @@ impl BlockDevice for FileDevice {
         })
         .await
     }
+
+    fn takes_pipes(&self) -> bool {
+        // O_DIRECT reads the pipes into memory anyway.
+        self.inner.direct.is_none()
+    }
+
+    async fn write_piped(
+        &self,
+        offset: u64,
+        head: Bytes,
+        piped: crate::pipes::Piped,
+        fua: bool,
+    ) -> io::Result<()> {
+        let (pipes, _counted) = piped.into_pipes();
+        self.write_from_pipes(offset, head, pipes, fua).await
+    }
 }
 
 #[cfg(test)]
@@ -739,7 +755,7 @@ mod tests {
                 at += rustix::io::write(&w, &tail[at..]).unwrap();
             }
             let offset = 1 << 20;
-            dev.write_piped(
+            dev.write_from_pipes(
                 offset,
                 Bytes::from(head.clone()),
                 vec![(r, tail.len())],
@@ -757,7 +773,7 @@ mod tests {
             let (r, w) = rustix::pipe::pipe_with(rustix::pipe::PipeFlags::NONBLOCK).unwrap();
             rustix::io::write(&w, &[7u8; 1000]).unwrap();
             let err = dev
-                .write_piped(0, Bytes::new(), vec![(r, 8192)], false)
+                .write_from_pipes(0, Bytes::new(), vec![(r, 8192)], false)
                 .await
                 .unwrap_err();
             assert!(err.to_string().contains("ran dry"), "{err}");

@@ -14,6 +14,7 @@
 
 mod aligned;
 pub mod file;
+pub mod pipes;
 
 pub use aligned::AlignedBuf;
 pub use file::{read_pipe_exact, FileDevice, FileOptions, OpenError};
@@ -128,6 +129,29 @@ pub trait BlockDevice: Send + Sync + 'static {
 
     /// Prefetch a range (advisory).
     fn cache(&self, offset: u64, len: u64) -> impl Future<Output = io::Result<()>> + Send + '_;
+
+    /// Whether [`BlockDevice::write_piped`] saves a copy over
+    /// [`BlockDevice::write`]: the NBD server then hands large write
+    /// payloads over in pipes instead of reading them.
+    fn takes_pipes(&self) -> bool {
+        false
+    }
+
+    /// Write `head`, then the bytes in `piped`, at `offset`; as
+    /// [`BlockDevice::write`] otherwise. By default the pipes are read
+    /// into memory and written.
+    fn write_piped(
+        &self,
+        offset: u64,
+        head: Bytes,
+        piped: pipes::Piped,
+        fua: bool,
+    ) -> impl Future<Output = io::Result<()>> + Send + '_ {
+        async move {
+            let data = piped.read_after(&head)?;
+            self.write(offset, Bytes::from(data), fua).await
+        }
+    }
 
     /// Allocation status of `[offset, offset + len)`, in order, in at most
     /// `max_extents` runs that together cover a non-empty prefix of the range.

@@ -1259,7 +1259,7 @@ impl Actor {
                             Some(Payload::Mem(d)) => dev.write(offset, d, fua).await,
                             Some(Payload::Piped(head, p)) => {
                                 let (pipes, _counted) = p.into_pipes();
-                                dev.write_piped(offset, head, pipes, fua).await
+                                dev.write_from_pipes(offset, head, pipes, fua).await
                             }
                             None => Err(io::Error::other("no payload")),
                         },

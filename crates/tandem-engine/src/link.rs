@@ -13,9 +13,10 @@
 
 use bytes::BytesMut;
 use std::io;
-use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
+use tandem_blockdev::pipes::{self, stalled, MAX_CHAIN, PIPE_MAX};
 use tandem_core::ConnState;
 use tandem_wire::{Frame, FrameReader, HandshakeConfig, Message};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -245,96 +246,7 @@ async fn send_file_range(
     r.map_err(|e| io::Error::other(format!("the sendfile task failed: {e}")))?
 }
 
-/// Payloads at least this large are moved from the link socket into a pipe
-/// with `splice` instead of being read: the kernel hands the socket's pages
-/// to the pipe, and the one copy left is the pipe's into the page cache
-/// when the write is done. Below this the syscalls cost more than the copy
-/// they save.
-pub const SPLICE_MIN: usize = 128 * 1024;
-
-/// The largest pipe an unprivileged process may ask for by default
-/// (`/proc/sys/fs/pipe-max-size`); a payload whose rest does not fit is
-/// read the ordinary way.
-const PIPE_MAX: usize = 1 << 20;
-
-/// What one pipe slot holds at most.
-const PAGE: usize = 4096;
-
-/// The rest of a payload, held in pipes until the write is done. Each pipe
-/// holds one descriptor and at most about 1 MiB. The peer may have many
-/// more writes in flight than a process has descriptors to spare (the
-/// transfer log allows 32768), so at most [`MAX_PIPES`] exist at once in
-/// the process; payloads beyond that are read into memory as before.
-#[derive(Debug)]
-pub struct Piped {
-    /// The pipes, in payload order.
-    pub parts: Vec<PipePart>,
-}
-
-impl Piped {
-    /// Bytes in the pipes.
-    pub fn len(&self) -> usize {
-        self.parts.iter().map(|p| p.len).sum()
-    }
-
-    /// The pipes' read ends with their byte counts, in payload order, for
-    /// the disk write, and what keeps them counted in [`PIPES`] until it
-    /// is dropped.
-    pub fn into_pipes(self) -> (Vec<(rustix::fd::OwnedFd, usize)>, PipeGuard) {
-        let mut slots = Vec::with_capacity(self.parts.len());
-        let pipes = self
-            .parts
-            .into_iter()
-            .map(|p| {
-                slots.push(p._slot);
-                (p.fd, p.len)
-            })
-            .collect();
-        (pipes, PipeGuard(slots))
-    }
-}
-
-/// Keeps the pipes of a [`Piped`] counted until dropped. The slots are
-/// never read: holding them is the point.
-#[derive(Debug)]
-pub struct PipeGuard(#[allow(dead_code)] Vec<PipeSlot>);
-
-/// One pipe of a [`Piped`] payload.
-#[derive(Debug)]
-pub struct PipePart {
-    /// The pipe's read end.
-    pub fd: rustix::fd::OwnedFd,
-    /// Bytes in it.
-    pub len: usize,
-    /// Counts the pipe in [`PIPES`] until dropped.
-    _slot: PipeSlot,
-}
-
-/// Pipes holding payloads, at most.
-const MAX_PIPES: usize = 256;
-/// Pipes holding payloads now, in the whole process.
-static PIPES: AtomicUsize = AtomicUsize::new(0);
-
-/// One of the [`MAX_PIPES`], released when dropped.
-#[derive(Debug)]
-struct PipeSlot;
-
-impl PipeSlot {
-    fn take() -> Option<Self> {
-        PIPES
-            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| {
-                (n < MAX_PIPES).then_some(n + 1)
-            })
-            .ok()
-            .map(|_| PipeSlot)
-    }
-}
-
-impl Drop for PipeSlot {
-    fn drop(&mut self) {
-        PIPES.fetch_sub(1, Ordering::AcqRel);
-    }
-}
+pub use tandem_blockdev::pipes::{Piped, SPLICE_MIN};
 
 struct Shared<T> {
     s: LinkSettings,
@@ -791,31 +703,6 @@ async fn take_bulk(
     take_bulk_via(reader, msg, rest, pipe_size, MAX_CHAIN, stall).await
 }
 
-/// Pipes one payload may take. A pipe counts slots, not bytes, and a slot
-/// holds a page or less: a payload sent with `sendfile` arrives a page per
-/// fragment, and a page cut between two TCP segments takes two slots, so
-/// a 1 MiB payload needs a few slots more than a 1 MiB pipe has. Only a
-/// process with CAP_SYS_RESOURCE may make a pipe larger than
-/// pipe-max-size (1 MiB by default), so the overflow goes into a second,
-/// small pipe instead (before, a quarter of all 1 MiB resync payloads
-/// fell back to memory and a blocking write on the actor's thread).
-const MAX_CHAIN: usize = 4;
-
-/// A new pipe's size: 16 slots.
-const DEFAULT_PIPE: usize = 16 * PAGE;
-
-/// A new empty non-blocking pipe of `size` bytes (up to [`PIPE_MAX`]), and
-/// its slot.
-fn new_pipe(size: usize) -> Option<(rustix::fd::OwnedFd, rustix::fd::OwnedFd, PipeSlot)> {
-    use rustix::pipe::{fcntl_setpipe_size, pipe_with, PipeFlags};
-    let slot = PipeSlot::take()?;
-    let (r, w) = pipe_with(PipeFlags::CLOEXEC | PipeFlags::NONBLOCK).ok()?;
-    if size != DEFAULT_PIPE {
-        fcntl_setpipe_size(&w, size.min(PIPE_MAX)).ok()?;
-    }
-    Some((r, w, slot))
-}
-
 /// [`take_bulk`] with a first pipe of `pipe_size` bytes and at most
 /// `max_chain` pipes (tests use fewer and smaller ones, to see a payload
 /// spread over pipes and one that outgrows them).
@@ -827,105 +714,18 @@ async fn take_bulk_via(
     max_chain: usize,
     stall: Duration,
 ) -> io::Result<(Message, Option<Piped>)> {
-    use rustix::pipe::{splice, SpliceFlags};
-    use tokio::io::Interest;
     if bulk_data(&mut msg).is_none() {
         return Err(io::Error::other("bulk frame without a payload"));
     }
-    // Filled pipes, in payload order, then the one being filled.
-    let mut parts: Vec<PipePart> = Vec::new();
-    let mut cur = if pipe_size > 0 {
-        new_pipe(pipe_size)
-    } else {
-        None
-    };
-    let mut cur_len = 0;
-    // Bytes of the rest taken from the socket into pipes.
-    let mut spliced = 0;
     let sock: &TcpStream = reader.get_ref().as_ref();
-    while let Some((_, w, _)) = &cur {
-        if spliced == rest {
-            break;
-        }
-        stalled(stall, sock.readable()).await??;
-        // EAGAIN means an empty socket (wait for it) or a full pipe, and
-        // only the first may clear tokio's readiness: with bytes waiting
-        // and readiness cleared, nothing would wake the read that takes
-        // them. So a full pipe is told apart inside the attempt.
-        let n = sock.try_io(Interest::READABLE, || {
-            // Bytes may arrive between an EAGAIN of an empty socket and the
-            // FIONREAD that follows it; only a second EAGAIN with bytes
-            // waiting means a full pipe (else a chain link is wasted).
-            let mut tries = 0;
-            loop {
-                match splice(
-                    sock,
-                    None,
-                    w,
-                    None,
-                    rest - spliced,
-                    SpliceFlags::NONBLOCK | SpliceFlags::MOVE,
-                ) {
-                    Ok(n) => return Ok(Some(n)),
-                    Err(rustix::io::Errno::AGAIN)
-                        if rustix::io::ioctl_fionread(sock).unwrap_or(0) > 0 =>
-                    {
-                        tries += 1;
-                        if tries == 2 {
-                            return Ok(None);
-                        }
-                    }
-                    Err(e) => return Err(io::Error::from(e)),
-                }
-            }
-        });
-        match n {
-            Ok(Some(0)) => return Err(io::ErrorKind::UnexpectedEof.into()),
-            Ok(Some(n)) => {
-                spliced += n;
-                cur_len += n;
-            }
-            Ok(None) => {
-                // Full: the remainder goes into the next pipe, if any.
-                let next = if parts.len() + 1 < max_chain {
-                    // The default size is enough for a small remainder.
-                    new_pipe((rest - spliced).saturating_mul(2).max(DEFAULT_PIPE))
-                } else {
-                    None
-                };
-                let Some((r, _w, slot)) = std::mem::replace(&mut cur, next) else {
-                    break;
-                };
-                parts.push(PipePart {
-                    fd: r,
-                    len: std::mem::take(&mut cur_len),
-                    _slot: slot,
-                });
-            }
-            Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
-            Err(e) => return Err(e),
-        }
-    }
-    if let Some((r, _w, slot)) = cur.take() {
-        parts.push(PipePart {
-            fd: r,
-            len: cur_len,
-            _slot: slot,
-        });
-    }
+    let (parts, spliced) = pipes::splice_in(sock, rest, pipe_size, max_chain, stall).await?;
     if spliced == rest && !parts.is_empty() {
         return Ok((msg, Some(Piped { parts })));
     }
     // In memory: the head, what the pipes hold, then the rest of the
     // socket.
     let head = bulk_data(&mut msg).map(std::mem::take).unwrap_or_default();
-    let mut all = Vec::with_capacity(head.len() + rest);
-    all.extend_from_slice(&head);
-    for part in &parts {
-        let start = all.len();
-        all.resize(start + part.len, 0);
-        tandem_blockdev::read_pipe_exact(&part.fd, &mut all[start..])?;
-    }
+    let mut all = Piped { parts }.read_after(&head)?;
     let mut at = all.len();
     all.resize(head.len() + rest, 0);
     while at < all.len() {
@@ -938,14 +738,6 @@ async fn take_bulk_via(
         *data = bytes::Bytes::from(all);
     }
     Ok((msg, None))
-}
-
-/// `f`, or a `TimedOut` error when it takes longer than `stall`: how long
-/// a peer may send nothing in the middle of a frame.
-async fn stalled<F: std::future::Future>(stall: Duration, f: F) -> io::Result<F::Output> {
-    tokio::time::timeout(stall, f)
-        .await
-        .map_err(|_| io::Error::new(io::ErrorKind::TimedOut, "the peer stopped sending"))
 }
 
 /// The payload of a `Data` or `RsData` message.
@@ -1036,6 +828,7 @@ mod tests {
 mod bulk_tests {
     use super::*;
     use bytes::Bytes;
+    use tandem_blockdev::pipes::{PipeSlot, MAX_PIPES, PAGE};
 
     /// A stall limit no test's healthy sender comes near.
     const LONG: Duration = Duration::from_secs(30);
