@@ -37,6 +37,21 @@ pub enum Frame {
     /// A WRITE whose payload exceeded the limit; the payload has been read
     /// and discarded so the stream stays in sync. Answer with `EINVAL`.
     Oversized(RequestHeader),
+    /// A large WRITE ([`Decoder::set_bulk`]) whose payload has only begun
+    /// to arrive: `head` is what the buffer held of it, and the caller
+    /// takes the next `rest` bytes from the socket itself (or puts `raw`
+    /// and `head` back in the buffer, calls [`Decoder::skip_bulk_once`],
+    /// and decodes again).
+    Bulk {
+        /// The header.
+        header: RequestHeader,
+        /// The header as it arrived.
+        raw: [u8; REQUEST_HEADER_LEN],
+        /// The start of the payload.
+        head: Bytes,
+        /// Payload bytes still in the socket.
+        rest: usize,
+    },
 }
 
 /// The request stream is unusable; the connection must close.
@@ -53,6 +68,11 @@ pub struct Decoder {
     max_payload: u32,
     /// An oversized WRITE whose payload is still being discarded.
     discarding: Option<(RequestHeader, u64)>,
+    /// WRITE payloads in this range come out as [`Frame::Bulk`] once their
+    /// header is in; empty: never.
+    bulk: std::ops::RangeInclusive<usize>,
+    /// The next WRITE is decoded whole, whatever its size.
+    skip_bulk: bool,
 }
 
 impl Decoder {
@@ -61,7 +81,21 @@ impl Decoder {
         Self {
             max_payload,
             discarding: None,
+            #[allow(clippy::reversed_empty_ranges)]
+            bulk: 1..=0,
+            skip_bulk: false,
         }
+    }
+
+    /// Hand out WRITEs of `sizes` bytes as [`Frame::Bulk`] as soon as
+    /// their header is in, unless their whole payload is buffered already.
+    pub fn set_bulk(&mut self, sizes: std::ops::RangeInclusive<usize>) {
+        self.bulk = sizes;
+    }
+
+    /// Decode the next WRITE whole: its [`Frame::Bulk`] was put back.
+    pub fn skip_bulk_once(&mut self) {
+        self.skip_bulk = true;
     }
 
     /// Bytes of `buf` needed before the next frame can be decoded (a hint
@@ -121,9 +155,23 @@ impl Decoder {
         }
         let total = REQUEST_HEADER_LEN + header.length as usize;
         if buf.len() < total {
+            if !self.skip_bulk && self.bulk.contains(&(header.length as usize)) {
+                let mut raw = [0; REQUEST_HEADER_LEN];
+                raw.copy_from_slice(&buf[..REQUEST_HEADER_LEN]);
+                buf.advance(REQUEST_HEADER_LEN);
+                let head = buf.split().freeze();
+                let rest = header.length as usize - head.len();
+                return Ok(Some(Frame::Bulk {
+                    header,
+                    raw,
+                    head,
+                    rest,
+                }));
+            }
             buf.reserve(total - buf.len());
             return Ok(None);
         }
+        self.skip_bulk = false;
         buf.advance(REQUEST_HEADER_LEN);
         let payload = buf.split_to(header.length as usize).freeze();
         Ok(Some(Frame::Request {

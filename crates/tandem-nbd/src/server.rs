@@ -24,7 +24,7 @@ use std::pin::Pin;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
-use tandem_blockdev::BlockDevice;
+use tandem_blockdev::{pipes, BlockDevice};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::net::{TcpListener, UnixListener};
 use tokio::sync::{watch, Semaphore};
@@ -460,6 +460,10 @@ where
     W: AsyncWrite + Unpin,
 {
     let mut decoder = Decoder::new(session.max_payload);
+    if device.takes_pipes() && r.splice_socket().is_some() {
+        // Larger payloads than a pipe holds are rare and read as before.
+        decoder.set_bulk(pipes::SPLICE_MIN..=pipes::PIPE_MAX);
+    }
     let mut inflight: FuturesUnordered<OpFuture<'_>> = FuturesUnordered::new();
     let mut inflight_bytes = 0usize;
     let mut out = OutQueue::new();
@@ -492,6 +496,87 @@ where
                         header.cookie,
                         Outcome::Error(Errno::Inval),
                     );
+                    continue;
+                }
+                Frame::Bulk {
+                    header,
+                    raw,
+                    head,
+                    rest,
+                } => {
+                    let Some(sock) = r.splice_socket() else {
+                        return Err(
+                            io::Error::other("a bulk write without a socket to splice").into()
+                        );
+                    };
+                    // The payload's rest goes from the socket into pipes
+                    // while replies keep going out and shutdown is heard.
+                    let taken = {
+                        let fut = pipes::splice_in(sock, rest, rest, pipes::MAX_CHAIN, BULK_STALL);
+                        tokio::pin!(fut);
+                        loop {
+                            tokio::select! {
+                                biased;
+                                t = &mut fut => break Some(t),
+                                Some((cookie, cost, outcome)) = inflight.next(), if !inflight.is_empty() => {
+                                    inflight_bytes -= cost;
+                                    out.push(session.structured, cookie, outcome);
+                                }
+                                res = out.write_some(&mut w), if !out.is_empty() => res?,
+                                _ = shutdown.changed(), if !shutting_down => {
+                                    shutting_down = true;
+                                    linger = Some(Instant::now() + config.shutdown_linger);
+                                }
+                                _ = sleep_until_opt(linger), if linger.is_some() => break None,
+                            }
+                        }
+                    };
+                    let (parts, spliced) = match taken {
+                        None => {
+                            debug!("closing connection after shutdown linger, in the middle of a write");
+                            return Ok(());
+                        }
+                        Some(Err(e)) if e.kind() == io::ErrorKind::UnexpectedEof => {
+                            return Err(ConnError::Truncated(REQUEST_HEADER_LEN + head.len()))
+                        }
+                        Some(Err(e)) => return Err(e.into()),
+                        Some(Ok(t)) => t,
+                    };
+                    let piped = pipes::Piped { parts };
+                    if spliced < rest {
+                        // Out of pipes: the request goes back into the
+                        // buffer to be read the ordinary way.
+                        rbuf.extend_from_slice(&raw);
+                        rbuf.extend_from_slice(&piped.read_after(&head)?);
+                        decoder.skip_bulk_once();
+                        continue;
+                    }
+                    let op = match session.validate(&header, None) {
+                        Ok(_) if shutting_down => Err(Errno::Shutdown),
+                        other => other,
+                    };
+                    match op {
+                        Ok(Op::Write { offset, fua, .. }) => {
+                            let cost = (header.length as usize).max(REQUEST_HEADER_LEN);
+                            inflight_bytes += cost;
+                            inflight.push(run_piped(
+                                device,
+                                header.cookie,
+                                cost,
+                                offset,
+                                head,
+                                piped,
+                                fua,
+                            ));
+                            poll.requests += 1;
+                        }
+                        Ok(_) => out.push(
+                            session.structured,
+                            header.cookie,
+                            Outcome::Error(Errno::Inval),
+                        ),
+                        Err(e) => out.push(session.structured, header.cookie, Outcome::Error(e)),
+                    }
                     continue;
                 }
             };
@@ -585,23 +670,46 @@ where
 /// system call after its reactor has seen a readiness edge, and the reactor
 /// does not run while this task spins.
 pub trait TryRecv {
+    /// The socket large write payloads are spliced from.
+    type Sock: pipes::SpliceSocket;
+
     /// Receive into `buf`'s spare capacity; `WouldBlock` when nothing is
     /// queued, `Ok(0)` at end of stream.
     fn try_recv(&self, buf: &mut BytesMut) -> io::Result<usize>;
+
+    /// The socket to splice large write payloads from, if there is one.
+    fn splice_socket(&self) -> Option<&Self::Sock>;
 }
+
+/// How long a client may send nothing in the middle of a large write's
+/// payload before the connection fails: as long as it likes, as with any
+/// other request (shutdown still ends the wait).
+const BULK_STALL: Duration = Duration::from_secs(24 * 3600);
 
 /// A tokio read half with [`TryRecv`].
 pub struct Polled<T>(pub T);
 
 impl TryRecv for Polled<tokio::net::tcp::OwnedReadHalf> {
+    type Sock = tokio::net::TcpStream;
+
     fn try_recv(&self, buf: &mut BytesMut) -> io::Result<usize> {
         recv_now(self.0.as_ref(), buf)
+    }
+
+    fn splice_socket(&self) -> Option<&Self::Sock> {
+        Some(self.0.as_ref())
     }
 }
 
 impl TryRecv for Polled<tokio::net::unix::OwnedReadHalf> {
+    type Sock = tokio::net::UnixStream;
+
     fn try_recv(&self, buf: &mut BytesMut) -> io::Result<usize> {
         recv_now(self.0.as_ref(), buf)
+    }
+
+    fn splice_socket(&self) -> Option<&Self::Sock> {
+        Some(self.0.as_ref())
     }
 }
 
@@ -827,14 +935,34 @@ fn run<D: BlockDevice>(device: &D, cookie: u64, cost: usize, op: Op) -> OpFuture
             }
             Op::Disconnect => Ok(Outcome::Done),
         };
-        let outcome = result.unwrap_or_else(|e| {
-            let errno = Errno::from_io(&e);
-            if errno == Errno::Io {
-                warn!("I/O error: {e}");
-            }
-            Outcome::Error(errno)
-        });
-        (cookie, cost, outcome)
+        (cookie, cost, outcome_of(result))
+    })
+}
+
+/// A WRITE whose payload (after `head`) waits in pipes.
+fn run_piped<D: BlockDevice>(
+    device: &D,
+    cookie: u64,
+    cost: usize,
+    offset: u64,
+    head: Bytes,
+    piped: pipes::Piped,
+    fua: bool,
+) -> OpFuture<'_> {
+    Box::pin(async move {
+        let result = device.write_piped(offset, head, piped, fua).await;
+        (cookie, cost, outcome_of(result.map(|()| Outcome::Done)))
+    })
+}
+
+/// The reply to a request that ended with `result`.
+fn outcome_of(result: io::Result<Outcome>) -> Outcome {
+    result.unwrap_or_else(|e| {
+        let errno = Errno::from_io(&e);
+        if errno == Errno::Io {
+            warn!("I/O error: {e}");
+        }
+        Outcome::Error(errno)
     })
 }
 
@@ -849,6 +977,12 @@ mod tests {
     }
 
     impl TryRecv for Arrives {
+        type Sock = tokio::net::TcpStream;
+
+        fn splice_socket(&self) -> Option<&Self::Sock> {
+            None
+        }
+
         fn try_recv(&self, buf: &mut BytesMut) -> io::Result<usize> {
             match self.ready.get() {
                 0 => {
@@ -983,5 +1117,114 @@ mod tests {
         assert!(!idle_after_one(&mut p, &never(), &mut buf));
         p.blocked_for(Duration::from_micros(1));
         assert_eq!(p.window, POLL_START);
+    }
+
+    /// A bare NBD client on `sock`: fixed newstyle, `NBD_OPT_EXPORT_NAME`.
+    async fn nbd_client(addr: std::net::SocketAddr) -> tokio::net::TcpStream {
+        let mut c = tokio::net::TcpStream::connect(addr).await.unwrap();
+        c.set_nodelay(true).unwrap();
+        let mut hello = [0u8; 18];
+        c.read_exact(&mut hello).await.unwrap();
+        assert_eq!(&hello[..16], b"NBDMAGICIHAVEOPT");
+        // FIXED_NEWSTYLE | NO_ZEROES, then the export-name option ("").
+        c.write_all(&3u32.to_be_bytes()).await.unwrap();
+        c.write_all(b"IHAVEOPT").await.unwrap();
+        c.write_all(&1u32.to_be_bytes()).await.unwrap();
+        c.write_all(&0u32.to_be_bytes()).await.unwrap();
+        let mut info = [0u8; 10];
+        c.read_exact(&mut info).await.unwrap();
+        c
+    }
+
+    fn request(typ: u16, cookie: u64, offset: u64, len: u32) -> Vec<u8> {
+        let mut r = Vec::with_capacity(REQUEST_HEADER_LEN);
+        r.extend_from_slice(&crate::proto::REQUEST_MAGIC.to_be_bytes());
+        r.extend_from_slice(&0u16.to_be_bytes());
+        r.extend_from_slice(&typ.to_be_bytes());
+        r.extend_from_slice(&cookie.to_be_bytes());
+        r.extend_from_slice(&offset.to_be_bytes());
+        r.extend_from_slice(&len.to_be_bytes());
+        r
+    }
+
+    /// The error field of the next simple reply, which must be `cookie`'s.
+    async fn reply(c: &mut tokio::net::TcpStream, cookie: u64) -> u32 {
+        let mut r = [0u8; 16];
+        c.read_exact(&mut r).await.unwrap();
+        assert_eq!(u64::from_be_bytes(r[8..16].try_into().unwrap()), cookie);
+        u32::from_be_bytes(r[4..8].try_into().unwrap())
+    }
+
+    /// Large writes to a device that takes pipes arrive byte for byte:
+    /// spliced whole, spliced while the payload trickles in, and, with
+    /// every pipe of the process taken, put back and read the ordinary
+    /// way; small requests around them stay in step.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn large_writes_arrive_whole_through_pipes_or_memory() {
+        use tandem_blockdev::{FileDevice, FileOptions};
+        let file = tempfile::NamedTempFile::new().unwrap();
+        file.as_file().set_len(8 << 20).unwrap();
+        let device = FileDevice::open(file.path(), &FileOptions::default()).unwrap();
+        assert!(device.takes_pipes());
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let (_stop, stop_rx) = watch::channel(false);
+        let server = tokio::spawn(async move {
+            let (sock, _) = listener.accept().await.unwrap();
+            let (r, w) = sock.into_split();
+            connection(&device, &ServerConfig::default(), Polled(r), w, stop_rx).await
+        });
+        let mut c = nbd_client(addr).await;
+        let mut expected = vec![0u8; 8 << 20];
+        // (offset, length, bytes per send, with every pipe taken)
+        let cases: [(u64, usize, usize, bool); 4] = [
+            (0, 1 << 20, usize::MAX, false),
+            (3 << 20, 600_000, 50_000, false),
+            (5 << 20, 512 * 1024, 100_000, true),
+            (6 << 20, 200_000, usize::MAX, false),
+        ];
+        for (i, &(offset, len, piece, starve)) in cases.iter().enumerate() {
+            let held: Vec<pipes::PipeSlot> = if starve {
+                std::iter::from_fn(pipes::PipeSlot::take).collect()
+            } else {
+                Vec::new()
+            };
+            let data: Vec<u8> = (0..len)
+                .map(|j| (j as u32).wrapping_mul(2_654_435_761).to_le_bytes()[3] ^ i as u8)
+                .collect();
+            expected[offset as usize..offset as usize + len].copy_from_slice(&data);
+            let mut msg = request(1, i as u64, offset, len as u32);
+            msg.extend_from_slice(&data);
+            // A small request right behind the large one.
+            msg.extend_from_slice(&request(3, 100 + i as u64, 0, 0));
+            for part in msg.chunks(piece) {
+                c.write_all(part).await.unwrap();
+                if piece != usize::MAX {
+                    tokio::time::sleep(Duration::from_millis(5)).await;
+                }
+            }
+            assert_eq!(
+                reply(&mut c, i as u64).await,
+                0,
+                "case {i}: the write failed"
+            );
+            assert_eq!(
+                reply(&mut c, 100 + i as u64).await,
+                0,
+                "case {i}: the flush failed"
+            );
+            drop(held);
+        }
+        c.write_all(&request(0, 7, 0, 8 << 20)).await.unwrap();
+        assert_eq!(reply(&mut c, 7).await, 0);
+        let mut got = vec![0u8; 8 << 20];
+        c.read_exact(&mut got).await.unwrap();
+        assert!(got == expected, "the export reads back differently");
+        c.write_all(&request(2, 8, 0, 0)).await.unwrap();
+        server.await.unwrap().unwrap();
+        assert!(
+            std::fs::read(file.path()).unwrap() == expected,
+            "the file differs"
+        );
     }
 }
