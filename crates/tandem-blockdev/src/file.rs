@@ -325,16 +325,17 @@ impl Inner {
 
     /// Write `head`, then the bytes waiting in `pipes` (each its count, in
     /// order), from `offset`: the pipes' pages are copied into the page
-    /// cache by the kernel, never through user space, and their writeback
-    /// starts at once. With O_DIRECT (which `splice` cannot serve with
-    /// arbitrary pages) the pipes are read into memory and written as
-    /// usual.
+    /// cache by the kernel, never through user space; with `writeback`
+    /// their writeback starts at once. With O_DIRECT (which `splice` cannot
+    /// serve with arbitrary pages) the pipes are read into memory and
+    /// written as usual.
     fn write_piped(
         &self,
         offset: u64,
         head: &[u8],
         pipes: &[(OwnedFd, usize)],
         fua: bool,
+        writeback: bool,
     ) -> io::Result<()> {
         let len: usize = pipes.iter().map(|(_, n)| n).sum();
         if self.direct.is_some() {
@@ -373,7 +374,7 @@ impl Inner {
         }
         if fua {
             self.sync()?;
-        } else {
+        } else if writeback {
             self.start_writeback(offset, head.len() + len);
         }
         Ok(())
@@ -557,21 +558,25 @@ fn block_device_size(file: &File) -> io::Result<u64> {
 impl FileDevice {
     /// Write `head` and then the bytes waiting in `pipes` (each pipe must
     /// hold at least its count; they follow each other) at `offset`,
-    /// without copying the pipes' bytes through user space; their
-    /// writeback starts at once (meant for data a flush follows soon, see
-    /// `Inner::start_writeback`).
+    /// without copying the pipes' bytes through user space. With
+    /// `writeback` their writeback starts at once: for data a flush
+    /// follows soon (see `Inner::start_writeback`), not for a client's
+    /// write, which a page cache should absorb.
     pub async fn write_from_pipes(
         &self,
         offset: u64,
         head: Bytes,
         pipes: Vec<(OwnedFd, usize)>,
         fua: bool,
+        writeback: bool,
     ) -> io::Result<()> {
         self.writable()?;
         let len: usize = pipes.iter().map(|(_, n)| n).sum();
         self.check(offset, (head.len() + len) as u64)?;
-        self.run(false, move |i| i.write_piped(offset, &head, &pipes, fua))
-            .await
+        self.run(false, move |i| {
+            i.write_piped(offset, &head, &pipes, fua, writeback)
+        })
+        .await
     }
 
     /// Whether reads and writes go around the page cache (O_DIRECT); then
@@ -716,7 +721,7 @@ impl BlockDevice for FileDevice {
         fua: bool,
     ) -> io::Result<()> {
         let (pipes, _counted) = piped.into_pipes();
-        self.write_from_pipes(offset, head, pipes, fua).await
+        self.write_from_pipes(offset, head, pipes, fua, false).await
     }
 }
 
@@ -760,6 +765,7 @@ mod tests {
                 Bytes::from(head.clone()),
                 vec![(r, tail.len())],
                 direct,
+                true,
             )
             .await
             .unwrap();
@@ -773,7 +779,7 @@ mod tests {
             let (r, w) = rustix::pipe::pipe_with(rustix::pipe::PipeFlags::NONBLOCK).unwrap();
             rustix::io::write(&w, &[7u8; 1000]).unwrap();
             let err = dev
-                .write_from_pipes(0, Bytes::new(), vec![(r, 8192)], false)
+                .write_from_pipes(0, Bytes::new(), vec![(r, 8192)], false, true)
                 .await
                 .unwrap_err();
             assert!(err.to_string().contains("ran dry"), "{err}");

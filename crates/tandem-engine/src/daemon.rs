@@ -60,6 +60,13 @@ enum ClientOp {
         data: Bytes,
         fua: bool,
     },
+    /// A large write whose payload (after `head`) waits in pipes.
+    WritePiped {
+        offset: u64,
+        head: Bytes,
+        piped: link::Piped,
+        fua: bool,
+    },
     Trim {
         offset: u64,
         len: u64,
@@ -119,6 +126,9 @@ struct Replicated {
     caps: Capabilities,
     tx: mpsc::Sender<Input>,
     shared: Arc<Shared>,
+    /// Large payloads may stay in pipes: no per-write crc is computed
+    /// over them (`data-integrity-alg`).
+    takes_pipes: bool,
 }
 
 /// The local disk, shared between the actor and the NBD frontend.
@@ -171,6 +181,28 @@ impl BlockDevice for Replicated {
     }
     async fn write(&self, offset: u64, data: Bytes, fua: bool) -> io::Result<()> {
         self.submit(ClientOp::Write { offset, data, fua }).await
+    }
+    fn takes_pipes(&self) -> bool {
+        self.takes_pipes
+    }
+    /// The payload stays in its pipes: `tee` gives the link and the local
+    /// disk each their own view of the same pages, so its bytes are never
+    /// copied through user space here (the page cache's copy is the one
+    /// left).
+    async fn write_piped(
+        &self,
+        offset: u64,
+        head: Bytes,
+        piped: link::Piped,
+        fua: bool,
+    ) -> io::Result<()> {
+        self.submit(ClientOp::WritePiped {
+            offset,
+            head,
+            piped,
+            fua,
+        })
+        .await
     }
     async fn flush(&self) -> io::Result<()> {
         self.submit(ClientOp::Flush).await
@@ -422,6 +454,7 @@ async fn run_async(opts: DaemonOptions, ready: impl FnOnce()) -> Result<(), Stri
         local: Arc::clone(&slot),
         tx: tx.clone(),
         shared: Arc::clone(&shared),
+        takes_pipes: !cfg.net.data_integrity,
     });
     let nbd_addr = ListenAddr::parse(&me.nbd).map_err(|e| format!("node.nbd: {e}"))?;
     let nbd = tokio::spawn(nbd_supervisor(
@@ -822,6 +855,9 @@ struct Actor {
 
 enum ClientPayload {
     Data(Bytes),
+    /// The first bytes in memory, the rest in pipes: each user gets a
+    /// `tee` of them ([`Actor::client_payload`]).
+    Piped(Bytes, link::Piped),
     None,
 }
 
@@ -844,6 +880,38 @@ impl Payload {
 }
 
 impl Actor {
+    /// A client write's payload for one of its users (the link, the local
+    /// disk): its bytes, or a `tee` of its pipes. When no pipe is to be had
+    /// for the `tee`, the pipes are read into memory once, for every user.
+    fn client_payload(&mut self, req: ReqId) -> Option<Payload> {
+        let (payload, _) = self.clients.get_mut(&req)?;
+        match payload {
+            ClientPayload::Data(d) => Some(Payload::Mem(d.clone())),
+            ClientPayload::Piped(head, piped) => {
+                if let Some(t) = piped.tee() {
+                    return Some(Payload::Piped(head.clone(), t));
+                }
+                let ClientPayload::Piped(head, piped) =
+                    std::mem::replace(payload, ClientPayload::None)
+                else {
+                    return None;
+                };
+                match piped.read_after(&head) {
+                    Ok(all) => {
+                        let d = Bytes::from(all);
+                        *payload = ClientPayload::Data(d.clone());
+                        Some(Payload::Mem(d))
+                    }
+                    Err(e) => {
+                        error!("reading the payload of request {req} from its pipes: {e}");
+                        None
+                    }
+                }
+            }
+            ClientPayload::None => None,
+        }
+    }
+
     fn out_of_sync(&self) -> u64 {
         self.md.as_ref().map_or(0, |md| md.bitmap().count() * 4096)
     }
@@ -1098,6 +1166,21 @@ impl Actor {
                 },
                 ClientPayload::Data(data),
             ),
+            ClientOp::WritePiped {
+                offset,
+                head,
+                piped,
+                fua,
+            } => (
+                Event::Write {
+                    req,
+                    offset,
+                    len: (head.len() + piped.len()) as u64,
+                    kind: WriteKind::Data,
+                    fua,
+                },
+                ClientPayload::Piped(head, piped),
+            ),
             ClientOp::Trim { offset, len, fua } => (
                 Event::Write {
                     req,
@@ -1208,10 +1291,7 @@ impl Actor {
                 fua,
             } => {
                 let data = match (op, kind) {
-                    (OpId::Client(req), WriteKind::Data) => match self.clients.get(&req) {
-                        Some((ClientPayload::Data(d), _)) => Some(Payload::Mem(d.clone())),
-                        _ => None,
-                    },
+                    (OpId::Client(req), WriteKind::Data) => self.client_payload(req),
                     (OpId::Peer { seq, .. }, WriteKind::Data) => self.peer_payloads.remove(&seq),
                     (OpId::Resync { id, .. }, WriteKind::Data) => self.rs_in.remove(&id),
                     _ => None,
@@ -1259,7 +1339,11 @@ impl Actor {
                             Some(Payload::Mem(d)) => dev.write(offset, d, fua).await,
                             Some(Payload::Piped(head, p)) => {
                                 let (pipes, _counted) = p.into_pipes();
-                                dev.write_from_pipes(offset, head, pipes, fua).await
+                                // The peer's writes are flushed soon (its
+                                // barriers); a client's are not.
+                                let writeback = !matches!(op, OpId::Client(_));
+                                dev.write_from_pipes(offset, head, pipes, fua, writeback)
+                                    .await
                             }
                             None => Err(io::Error::other("no payload")),
                         },
@@ -1636,7 +1720,9 @@ impl Actor {
     }
 
     async fn send(&mut self, p: Packet) {
-        let Some(link) = &self.link else { return };
+        let Some(id) = self.link.as_ref().map(|l| l.id) else {
+            return;
+        };
         use tandem_wire::Message as M;
         let msg = match p {
             Packet::State(r) => M::ReportState(wire_report(&r)),
@@ -1650,22 +1736,42 @@ impl Actor {
                 fua,
             } => match kind {
                 WriteKind::Data => {
-                    let Some((ClientPayload::Data(d), _)) = self.clients.get(&req) else {
-                        error!("no payload for request {req}; dropping the link");
-                        let id = link.id;
-                        self.internal.push_back(Event::LinkDown {
-                            link: id,
-                            cause: ConnState::ProtocolError,
-                        });
-                        return;
+                    let d = match self.client_payload(req) {
+                        Some(Payload::Mem(d)) => d,
+                        Some(Payload::Piped(head, piped)) => {
+                            // No crc: a device with `data-integrity-alg`
+                            // takes no pipes.
+                            let msg = M::Data {
+                                seq,
+                                epoch,
+                                offset,
+                                fua,
+                                data: Bytes::new(),
+                                crc: None,
+                            };
+                            let bytes = head.len() + piped.len();
+                            let out = link::Out::Piped { msg, head, piped };
+
+                            self.push_out(id, out, bytes).await;
+                            return;
+                        }
+                        None => {
+                            error!("no payload for request {req}; dropping the link");
+
+                            self.internal.push_back(Event::LinkDown {
+                                link: id,
+                                cause: ConnState::ProtocolError,
+                            });
+                            return;
+                        }
                     };
                     M::Data {
                         seq,
                         epoch,
                         offset,
                         fua,
-                        data: d.clone(),
-                        crc: self.integrity.then(|| tandem_wire::data_crc(d)),
+                        crc: self.integrity.then(|| tandem_wire::data_crc(&d)),
+                        data: d,
                     }
                 }
                 WriteKind::Trim => M::Trim {
@@ -1717,7 +1823,7 @@ impl Actor {
                 }
                 let Some(data) = self.rs_out.remove(&id) else {
                     error!("no data read for resync request {id}; dropping the link");
-                    let id = link.id;
+
                     self.internal.push_back(Event::LinkDown {
                         link: id,
                         cause: ConnState::ProtocolError,
@@ -1763,7 +1869,7 @@ impl Actor {
             Packet::OvDone { found } => M::OvDone { found },
         };
         let bytes = msg.payload().map_or(0, |d| d.len());
-        let id = link.id;
+
         self.push_out(id, link::Out::Frame(msg), bytes).await;
     }
 

@@ -110,6 +110,16 @@ pub enum Out {
     /// An `RsData` frame whose payload goes from the disk to the socket
     /// with `sendfile`.
     File(FileFrame),
+    /// A `Data` frame (`msg`, its payload empty) whose payload is `head`
+    /// then what `piped` holds: the pipes go to the socket with `splice`.
+    Piped {
+        /// The frame with an empty payload.
+        msg: Message,
+        /// The payload's first bytes.
+        head: bytes::Bytes,
+        /// The rest.
+        piped: Piped,
+    },
 }
 
 /// A frame whose payload is a range of the local disk, sent without a
@@ -453,6 +463,18 @@ async fn establish<T: From<LinkEvent> + Send + 'static>(
                     ping.owed_frames(&mut buf);
                     let msg = match out {
                         Out::Frame(msg) => msg,
+                        Out::Piped { msg, head, piped } => {
+                            tandem_wire::encode_bulk_head(&msg, head.len() + piped.len(), &mut buf);
+                            buf.extend_from_slice(&head);
+                            if let Err(e) = w.write_all(&buf).await {
+                                return format!("send failed: {e}");
+                            }
+                            buf.clear();
+                            if let Err(e) = pipes::splice_out(w.as_ref(), piped).await {
+                                return format!("send failed: {e}");
+                            }
+                            continue;
+                        }
                         Out::File(mut f) => {
                             tandem_wire::encode_bulk_head(&f.head, f.len, &mut buf);
                             if let Err(e) = w.write_all(&buf).await {
