@@ -350,3 +350,48 @@ pub async fn stalled<F: Future>(stall: Duration, f: F) -> io::Result<F::Output> 
         .await
         .map_err(|_| io::Error::new(io::ErrorKind::TimedOut, "the sender stopped sending"))
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A [`Piped`] of `chunks` (one pipe each), filled by plain writes.
+    fn piped(chunks: &[&[u8]]) -> Piped {
+        let parts = chunks
+            .iter()
+            .map(|c| {
+                let (r, w, slot) = new_pipe(PIPE_MAX).unwrap();
+                let mut at = 0;
+                while at < c.len() {
+                    at += rustix::io::write(&w, &c[at..]).unwrap();
+                }
+                PipePart {
+                    fd: r,
+                    len: c.len(),
+                    _slot: slot,
+                }
+            })
+            .collect();
+        Piped { parts }
+    }
+
+    /// Each `tee` is the same bytes, the original stays whole for the next
+    /// one, and with every pipe of the process taken there is no `tee` but
+    /// the original can still be read.
+    #[test]
+    fn tee_copies_without_consuming_and_fails_cleanly_without_pipes() {
+        let a: Vec<u8> = (0..300_000u32).map(|i| (i % 251) as u8).collect();
+        let b = vec![7u8; 5000];
+        let p = piped(&[&a, &b]);
+        let want: Vec<u8> = [&b"head"[..], &a, &b].concat();
+        for round in 0..2 {
+            let t = p.tee().unwrap();
+            assert_eq!(t.len(), p.len());
+            assert!(t.read_after(b"head").unwrap() == want, "tee {round}");
+        }
+        let held: Vec<PipeSlot> = std::iter::from_fn(PipeSlot::take).collect();
+        assert!(p.tee().is_none(), "a tee without a pipe to put it in");
+        drop(held);
+        assert!(p.read_after(b"head").unwrap() == want, "the original");
+    }
+}
