@@ -708,10 +708,9 @@ impl BlockDevice for FileDevice {
         .await
     }
 
-    fn takes_pipes(&self) -> bool {
-        // O_DIRECT reads the pipes into memory anyway.
-        self.inner.direct.is_none()
-    }
+    // `takes_pipes` stays false: for a write that is only copied into the
+    // page cache, taking the payload into pipes measured no less CPU than
+    // reading it, and `tandem serve` no faster (docs/architecture.md).
 
     async fn write_piped(
         &self,

@@ -1119,6 +1119,62 @@ mod tests {
         assert_eq!(p.window, POLL_START);
     }
 
+    /// A file that takes large payloads in pipes, as the replicated
+    /// device does.
+    struct PipeTaker(tandem_blockdev::FileDevice);
+
+    impl BlockDevice for PipeTaker {
+        fn size(&self) -> u64 {
+            self.0.size()
+        }
+        fn capabilities(&self) -> tandem_blockdev::Capabilities {
+            self.0.capabilities()
+        }
+        async fn read(&self, offset: u64, len: usize) -> io::Result<Bytes> {
+            self.0.read(offset, len).await
+        }
+        async fn write(&self, offset: u64, data: Bytes, fua: bool) -> io::Result<()> {
+            self.0.write(offset, data, fua).await
+        }
+        async fn flush(&self) -> io::Result<()> {
+            self.0.flush().await
+        }
+        async fn trim(&self, offset: u64, len: u64, fua: bool) -> io::Result<()> {
+            self.0.trim(offset, len, fua).await
+        }
+        async fn write_zeroes(
+            &self,
+            offset: u64,
+            len: u64,
+            flags: tandem_blockdev::ZeroFlags,
+        ) -> io::Result<()> {
+            self.0.write_zeroes(offset, len, flags).await
+        }
+        async fn cache(&self, offset: u64, len: u64) -> io::Result<()> {
+            self.0.cache(offset, len).await
+        }
+        async fn block_status(
+            &self,
+            offset: u64,
+            len: u64,
+            max: usize,
+        ) -> io::Result<Vec<tandem_blockdev::Extent>> {
+            self.0.block_status(offset, len, max).await
+        }
+        fn takes_pipes(&self) -> bool {
+            true
+        }
+        async fn write_piped(
+            &self,
+            offset: u64,
+            head: Bytes,
+            piped: pipes::Piped,
+            fua: bool,
+        ) -> io::Result<()> {
+            self.0.write_piped(offset, head, piped, fua).await
+        }
+    }
+
     /// A bare NBD client on `sock`: fixed newstyle, `NBD_OPT_EXPORT_NAME`.
     async fn nbd_client(addr: std::net::SocketAddr) -> tokio::net::TcpStream {
         let mut c = tokio::net::TcpStream::connect(addr).await.unwrap();
@@ -1164,8 +1220,7 @@ mod tests {
         use tandem_blockdev::{FileDevice, FileOptions};
         let file = tempfile::NamedTempFile::new().unwrap();
         file.as_file().set_len(8 << 20).unwrap();
-        let device = FileDevice::open(file.path(), &FileOptions::default()).unwrap();
-        assert!(device.takes_pipes());
+        let device = PipeTaker(FileDevice::open(file.path(), &FileOptions::default()).unwrap());
         let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
         let (_stop, stop_rx) = watch::channel(false);
