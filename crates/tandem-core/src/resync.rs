@@ -131,6 +131,11 @@ pub(crate) struct Sync {
     /// A range marked out of sync again meanwhile (a failed local write)
     /// is dropped from here, so the late ack cannot clear the new bit.
     served: BTreeMap<u64, u64>,
+    /// Requests the target acknowledged stable while their read was still
+    /// open here: a frame sent straight from the disk is on the wire before
+    /// the driver reports the read done, so the ack can overtake that
+    /// report; the bits clear when it comes.
+    acked_early: std::collections::BTreeSet<u64>,
 }
 
 impl Sync {
@@ -159,6 +164,7 @@ impl Sync {
             poisoned: std::collections::BTreeSet::new(),
             redirtied: Vec::new(),
             served: BTreeMap::new(),
+            acked_early: std::collections::BTreeSet::new(),
         }
     }
     fn paused(&self) -> bool {
@@ -166,9 +172,18 @@ impl Sync {
     }
 
     /// Source: request `id` was answered; its bits clear on the target's
-    /// ack, unless the range was marked again meanwhile.
-    fn served(&mut self, id: u64, range: &Range<u64>) {
-        if !self.poisoned.remove(&id) {
+    /// ack (now, if that came first), unless the range was marked again
+    /// meanwhile.
+    fn served(&mut self, id: u64, range: &Range<u64>, out: &mut Vec<Action>) {
+        let acked = self.acked_early.remove(&id);
+        if self.poisoned.remove(&id) {
+            return;
+        }
+        if acked {
+            out.push(Action::MarkInSync {
+                range: range.clone(),
+            });
+        } else {
             self.served.insert(range.start, range.end);
         }
     }
@@ -314,6 +329,12 @@ impl Core {
                 "refusing to invalidate the peer: it is Primary".into(),
             ));
         }
+        if no_disk(self.peer_disk) {
+            return Err(Refusal::Other(format!(
+                "refusing to invalidate the peer: its disk is {} (attach it first)",
+                self.peer_disk
+            )));
+        }
         out.push(Action::Send(Packet::SyncStart {
             source: true,
             full: true,
@@ -387,6 +408,12 @@ impl Core {
                 }
                 if source && self.role == Role::Primary {
                     return self.protocol_error("peer wants to overwrite this Primary", out);
+                }
+                if no_disk(self.disk) {
+                    // The peer asked before it heard of our detach: the
+                    // next connect finds no disk to resync.
+                    return self
+                        .protocol_error("peer started a resync but this node has no disk", out);
                 }
                 let side = if source {
                     SyncSide::Target
@@ -486,6 +513,13 @@ impl Core {
                     s.served.remove(&a);
                     out.push(Action::MarkInSync { range: a..e });
                 }
+                let early: Vec<u64> = s
+                    .reads
+                    .iter()
+                    .filter(|(_, r)| r.start >= offset && r.end <= end)
+                    .map(|(&id, _)| id)
+                    .collect();
+                s.acked_early.extend(early);
             }
             _ => {}
         }
@@ -584,7 +618,7 @@ impl Core {
             let data = span.clone().unwrap_or(range.clone());
             self.counters.resync_sent += data.end - data.start;
             if let Some(s) = self.sync.as_mut() {
-                s.served(id, &range);
+                s.served(id, &range, out);
             }
             out.push(Action::Send(Packet::RsData {
                 id,
@@ -599,6 +633,9 @@ impl Core {
                 }));
             }
         } else {
+            if let Some(s) = self.sync.as_mut() {
+                s.acked_early.remove(&id);
+            }
             out.push(Action::Send(Packet::RsNegAck { id }));
         }
         // Client writes overlapping the read may start now.
@@ -747,7 +784,7 @@ impl Core {
                     }
                     _ => {
                         s.reads.remove(&id);
-                        s.served(id, &range);
+                        s.served(id, &range, out);
                         out.push(Action::Send(Packet::RsInSync {
                             id,
                             offset: range.start,

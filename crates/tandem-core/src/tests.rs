@@ -1135,3 +1135,80 @@ fn a_resync_read_dropped_with_its_link_is_no_disk_error() {
         }
     }
 }
+
+/// `invalidate-remote` onto a Diskless peer is refused; a `SyncStart` that
+/// crossed the peer's `detach` drops the link instead of making a node
+/// without a disk "Inconsistent", then "UpToDate" (found by the chaos
+/// soak: `attach` was then refused with "a disk is attached already").
+#[test]
+fn no_resync_onto_a_node_without_a_disk() {
+    let (mut a, mut b) = pair(Protocol::C);
+    b.core.detach(&mut b.actions).unwrap();
+    exchange(&mut a, &mut b);
+    assert_eq!(a.core.peer_disk(), DiskState::Diskless);
+    let refused = a.core.invalidate_remote(&mut a.actions).unwrap_err();
+    assert!(refused.to_string().contains("Diskless"), "{refused}");
+    assert!(sends(&a.take()).is_empty());
+    // The SyncStart was already on its way when beta detached.
+    b.feed(Event::Packet {
+        link: 1,
+        packet: Packet::SyncStart {
+            source: true,
+            full: true,
+        },
+    });
+    let acts = b.take();
+    assert!(
+        acts.iter().any(|x| matches!(x, Action::Disconnect { .. })),
+        "{acts:?}"
+    );
+    assert_eq!(b.core.disk(), DiskState::Diskless);
+    assert!(b.core.sync_progress().is_none());
+}
+
+/// A resync frame sent straight from the disk is on the wire before the
+/// driver reports its read done, so the target's ack of the range can
+/// arrive first. The bits must clear all the same (found by the chaos
+/// soak: a finished resync left 1 MiB out of sync on the source).
+#[test]
+fn a_resync_ack_that_overtakes_the_read_report_still_clears_the_bits() {
+    let mut a = Node::new(Protocol::C, attached_up_to_date(0xAAA0), 1);
+    let mut b = Node::new(Protocol::C, attached_up_to_date(0xAAA0), 2);
+    let op = first_resync_read(&mut a, &mut b, 1);
+    let range = a
+        .actions
+        .iter()
+        .find_map(|x| match x {
+            Action::LocalRead { op: o, offset, len } if *o == op => Some(*offset..offset + len),
+            _ => None,
+        })
+        .unwrap();
+    a.take();
+    a.feed(Event::Packet {
+        link: 1,
+        packet: Packet::RsAck {
+            offset: range.start,
+            len: range.end - range.start,
+        },
+    });
+    a.feed(Event::LocalDone { op, ok: true });
+    let acts = a.take();
+    assert!(
+        acts.contains(&Action::MarkInSync {
+            range: range.clone()
+        }),
+        "{acts:?}"
+    );
+    // A later ack of the same range has nothing left to clear.
+    a.feed(Event::Packet {
+        link: 1,
+        packet: Packet::RsAck {
+            offset: range.start,
+            len: range.end - range.start,
+        },
+    });
+    assert!(!a
+        .take()
+        .iter()
+        .any(|x| matches!(x, Action::MarkInSync { .. })));
+}

@@ -1720,7 +1720,7 @@ impl Actor {
     }
 
     async fn send(&mut self, p: Packet) {
-        let Some(id) = self.link.as_ref().map(|l| l.id) else {
+        let Some(link_id) = self.link.as_ref().map(|l| l.id) else {
             return;
         };
         use tandem_wire::Message as M;
@@ -1752,14 +1752,14 @@ impl Actor {
                             let bytes = head.len() + piped.len();
                             let out = link::Out::Piped { msg, head, piped };
 
-                            self.push_out(id, out, bytes).await;
+                            self.push_out(link_id, out, bytes).await;
                             return;
                         }
                         None => {
                             error!("no payload for request {req}; dropping the link");
 
                             self.internal.push_back(Event::LinkDown {
-                                link: id,
+                                link: link_id,
                                 cause: ConnState::ProtocolError,
                             });
                             return;
@@ -1825,7 +1825,7 @@ impl Actor {
                     error!("no data read for resync request {id}; dropping the link");
 
                     self.internal.push_back(Event::LinkDown {
-                        link: id,
+                        link: link_id,
                         cause: ConnState::ProtocolError,
                     });
                     return;
@@ -1870,7 +1870,7 @@ impl Actor {
         };
         let bytes = msg.payload().map_or(0, |d| d.len());
 
-        self.push_out(id, link::Out::Frame(msg), bytes).await;
+        self.push_out(link_id, link::Out::Frame(msg), bytes).await;
     }
 
     /// Queue `out` (`bytes` of payload) for link `id` behind the frames
