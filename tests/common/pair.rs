@@ -488,6 +488,21 @@ nbd = "127.0.0.1:{nb}"
         self.wait_exited(node, pid, Duration::from_secs(5));
     }
 
+    /// Send signal `sig` (`"STOP"`, `"CONT"`, ...) to `node`'s daemon (by the
+    /// pid in its pid file, which must be a daemon this pair started).
+    pub fn signal(&self, node: Node, sig: &str) {
+        let pid = self.pid(node).expect("no pid file");
+        assert!(
+            self.started_pids.borrow().contains(&pid),
+            "pid file of {node} names {pid}, which this test did not start"
+        );
+        let st = Command::new("kill")
+            .args([&format!("-{sig}"), &pid.to_string()])
+            .status()
+            .unwrap();
+        assert!(st.success(), "kill -{sig} {pid} failed");
+    }
+
     fn wait_exited(&self, node: Node, pid: u32, timeout: Duration) {
         let deadline = Instant::now() + timeout;
         while process_alive(pid) {
