@@ -40,7 +40,6 @@ use pair::{
     MIB, RES, STATE_TIMEOUT,
 };
 use std::path::Path;
-use std::process::Stdio;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -227,7 +226,6 @@ fn fio_job(
     let seed = rng.next() >> 1;
     let name = format!("soak{n}");
     let out = scratch.join(format!("{name}.json"));
-    let err = scratch.join(format!("{name}.stderr"));
     let mut cmd = common::fio_verify(scratch, uri, &name);
     cmd.args([
         "--rw=randwrite",
@@ -248,29 +246,11 @@ fn fio_job(
         size / MIB,
         if rate.is_empty() { "unlimited" } else { rate }
     );
-    let mut child = cmd
-        .stdin(Stdio::null())
-        .stdout(Stdio::null())
-        .stderr(std::fs::File::create(&err).unwrap())
-        .spawn()
-        .map_err(|e| format!("cannot run fio: {e}"))?;
-    let deadline = Instant::now() + FIO_JOB_TIMEOUT;
-    let status = loop {
-        if let Some(st) = child.try_wait().unwrap() {
-            break st;
-        }
-        if Instant::now() > deadline {
-            let _ = child.kill();
-            let _ = child.wait();
-            return Err(format!(
-                "{desc}: still running after {FIO_JOB_TIMEOUT:?} (client I/O stuck?)\nstderr:\n{}",
-                std::fs::read_to_string(&err).unwrap_or_default()
-            ));
-        }
-        std::thread::sleep(Duration::from_millis(20));
-    };
+    let run = pair::try_run_with_timeout(&mut cmd, scratch, FIO_JOB_TIMEOUT)
+        .map_err(|e| format!("{desc}: client I/O stuck? {e}"))?;
+    let status = run.status;
     let json = std::fs::read_to_string(&out).unwrap_or_default();
-    let stderr = std::fs::read_to_string(&err).unwrap_or_default();
+    let stderr = String::from_utf8_lossy(&run.stderr).into_owned();
     if !status.success() {
         return Err(format!(
             "{desc}: failed with {status}\nstderr:\n{stderr}\nreport:\n{json}"
