@@ -20,6 +20,11 @@ pub enum Rule {
     PeerBitmapIsMyCurrent,
     /// The peer's current generation is my bitmap generation.
     MyBitmapIsPeerCurrent,
+    /// I was SyncSource and missed the end of the resync: the peer took my
+    /// current generation, I kept my bitmap generation and rotated since.
+    MissedResyncEnd,
+    /// The peer was SyncSource and missed the end of the resync.
+    PeerMissedResyncEnd,
     /// My current generation is in the peer's history.
     MyCurrentInPeerHistory,
     /// The peer's current generation is in my history.
@@ -42,6 +47,8 @@ impl Rule {
             Rule::Equal => "current-equal",
             Rule::PeerBitmapIsMyCurrent => "peer-bitmap-is-my-current",
             Rule::MyBitmapIsPeerCurrent => "my-bitmap-is-peer-current",
+            Rule::MissedResyncEnd => "missed-resync-end",
+            Rule::PeerMissedResyncEnd => "peer-missed-resync-end",
             Rule::MyCurrentInPeerHistory => "my-current-in-peer-history",
             Rule::PeerCurrentInMyHistory => "peer-current-in-my-history",
             Rule::BitmapsEqual => "split-brain-bitmaps-equal",
@@ -100,6 +107,27 @@ pub fn compare(me: &Generations, peer: &Generations) -> (Rule, Decision) {
             Decision::Source { full: false },
         );
     }
+    // A finished SyncTarget holds the source's current generation, with the
+    // sync generation (the source's bitmap generation) first in its history
+    // and no bitmap generation. A source that never heard the end kept that
+    // bitmap generation and, losing the link as Primary, moved its current
+    // one into history. Its bitmap still holds every block the target lacks
+    // (bits clear only on the target's acks), so it names the difference;
+    // a target that wrote on its own since has a bitmap generation and
+    // does not match. DRBD's rule 34 corrects the same miss when the
+    // current generations are still equal.
+    let missed_end = |src: &Generations, tgt: &Generations| {
+        src.bitmap != 0
+            && tgt.bitmap == 0
+            && tgt.history[0] == src.bitmap
+            && in_history(tgt.current, src)
+    };
+    if missed_end(me, peer) {
+        return (Rule::MissedResyncEnd, Decision::Source { full: false });
+    }
+    if missed_end(peer, me) {
+        return (Rule::PeerMissedResyncEnd, Decision::Target { full: false });
+    }
     if in_history(me.current, peer) {
         return (
             Rule::MyCurrentInPeerHistory,
@@ -151,6 +179,11 @@ mod tests {
             (g(0xB0, 0xA0, 0, 0), g(0xA0, 0, 0, 0), Rule::MyBitmapIsPeerCurrent, Decision::Source { full: false }),
             (g(0xA0, 0, 0, 0), g(0xC0, 0, 0xA0, 0), Rule::MyCurrentInPeerHistory, Decision::Target { full: true }),
             (g(0xC0, 0, 0, 0xA0), g(0xA0, 0, 0, 0), Rule::PeerCurrentInMyHistory, Decision::Source { full: true }),
+            (g(0xC0, 0xA0, 0xB0, 0), g(0xB0, 0, 0xA0, 0), Rule::MissedResyncEnd, Decision::Source { full: false }),
+            (g(0xB0, 0, 0xA0, 0), g(0xD0, 0xA0, 0xC0, 0xB0), Rule::PeerMissedResyncEnd, Decision::Target { full: false }),
+            // The target wrote on its own since (it has a bitmap generation):
+            // split brain, not a missed end.
+            (g(0xC0, 0xA0, 0xB0, 0), g(0xE0, 0xB0, 0xA0, 0), Rule::HistoryMatch, Decision::SplitBrain),
             (g(0xB0, 0xA0, 0, 0), g(0xC0, 0xA0, 0, 0), Rule::BitmapsEqual, Decision::SplitBrain),
             (g(0xB0, 0xD0, 0xA0, 0), g(0xC0, 0xE0, 0, 0xA0), Rule::HistoryMatch, Decision::SplitBrain),
             (g(0xB0, 0, 0, 0), g(0xC0, 0, 0, 0), Rule::Unrelated, Decision::Unrelated),

@@ -2108,6 +2108,11 @@ impl Core {
                     format!("rule {}", rule.name())
                 }
             )));
+            let decision = if diskless {
+                decision
+            } else {
+                self.by_disk_states(rule, decision, report.disk, out)
+            };
             let decision = match decision {
                 gi::Decision::SplitBrain => {
                     out.push(Action::SplitBrain { rule: rule.name() });
@@ -2199,6 +2204,54 @@ impl Core {
             self.finish_sync_source(out);
         }
         self.start_waiting(out);
+    }
+
+    /// DRBD's "becoming sync target due to disk states": when exactly one
+    /// node is Inconsistent, its data is worth nothing (a resync's target
+    /// cut short, an invalidated disk), so it is the target whatever the
+    /// generations say. They can have moved past it: the source starts a
+    /// new generation at every link loss while Primary, and its two history
+    /// slots forget the one the target was on, which would otherwise read as
+    /// split brain (a split-brain victim cut short in its resync is also
+    /// Inconsistent: the recovery already chose it). Only unrelated data
+    /// still refuses. The sync is full unless the generations already
+    /// named this direction with a bitmap, or both bitmaps together name
+    /// the difference.
+    fn by_disk_states(
+        &self,
+        rule: gi::Rule,
+        decision: gi::Decision,
+        peer_disk: DiskState,
+        out: &mut Vec<Action>,
+    ) -> gi::Decision {
+        use DiskState::{Consistent, Inconsistent, Outdated, UpToDate};
+        let usable = |d: DiskState| matches!(d, Outdated | Consistent | UpToDate);
+        // Equal bitmap generations: both bitmaps together hold every
+        // block either side changed since, as for a split-brain victim.
+        let full = rule != gi::Rule::BitmapsEqual;
+        let forced = match (self.disk, peer_disk) {
+            (Inconsistent, p) if usable(p) => match decision {
+                gi::Decision::Target { full: false } => return decision,
+                gi::Decision::Unrelated | gi::Decision::NoSync => return decision,
+                _ => gi::Decision::Target { full },
+            },
+            (me, Inconsistent) if usable(me) => match decision {
+                gi::Decision::Source { full: false } => return decision,
+                gi::Decision::Unrelated | gi::Decision::NoSync => return decision,
+                _ => gi::Decision::Source { full },
+            },
+            _ => return decision,
+        };
+        if forced != decision {
+            out.push(Action::Log(format!(
+                "rule {} alone would say {}, but {} disk is Inconsistent: becoming {} due to disk states",
+                rule.name(),
+                decision_name(decision),
+                if self.disk == Inconsistent { "this node's" } else { "the peer's" },
+                decision_name(forced),
+            )));
+        }
+        forced
     }
 
     /// Equal current generations: a resync is needed only when either node
@@ -2382,6 +2435,18 @@ impl Core {
 
 /// No local data to read, compare or write: detached, or failed and being
 /// detached.
+fn decision_name(d: gi::Decision) -> &'static str {
+    match d {
+        gi::Decision::NoSync => "no resync",
+        gi::Decision::Source { full: false } => "SyncSource of the bitmap",
+        gi::Decision::Source { full: true } => "SyncSource of a full sync",
+        gi::Decision::Target { full: false } => "SyncTarget of the bitmap",
+        gi::Decision::Target { full: true } => "SyncTarget of a full sync",
+        gi::Decision::SplitBrain => "split brain",
+        gi::Decision::Unrelated => "unrelated data",
+    }
+}
+
 fn no_disk(d: DiskState) -> bool {
     matches!(d, DiskState::Diskless | DiskState::Failed)
 }

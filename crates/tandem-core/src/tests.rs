@@ -1212,3 +1212,95 @@ fn a_resync_ack_that_overtakes_the_read_report_still_clears_the_bits() {
         .iter()
         .any(|x| matches!(x, Action::MarkInSync { .. })));
 }
+
+/// Connect `a` (UpToDate) to `b` whose generations share only an old
+/// history entry with `a`'s, as after a Primary's repeated rotations; `b`'s
+/// flags choose its disk state. The actions of both after the handshake.
+fn connect_related_by_history(b_flags: u32) -> (Node, Node, Vec<Action>, Vec<Action>) {
+    let mut a = Node::new(
+        Protocol::C,
+        Attached {
+            gens: Generations {
+                current: 0xA400,
+                bitmap: 0xA000,
+                history: [0xA300, 0xA200],
+            },
+            flags: flags::CONSISTENT | flags::WAS_UP_TO_DATE,
+        },
+        1,
+    );
+    let mut b = Node::new(
+        Protocol::C,
+        Attached {
+            gens: Generations {
+                current: 0xB000,
+                bitmap: 0,
+                history: [0xA200, 0],
+            },
+            flags: b_flags,
+        },
+        2,
+    );
+    a.feed(Event::LinkUp { link: 1 });
+    b.feed(Event::LinkUp { link: 1 });
+    let (mut ka, mut kb) = (Vec::new(), Vec::new());
+    for _ in 0..4 {
+        let (aa, ba) = (a.take(), b.take());
+        for p in sends(&aa) {
+            b.feed(Event::Packet { link: 1, packet: p });
+        }
+        for p in sends(&ba) {
+            a.feed(Event::Packet { link: 1, packet: p });
+        }
+        ka.extend(aa);
+        kb.extend(ba);
+    }
+    (a, b, ka, kb)
+}
+
+/// A resync's target cut short holds nothing worth keeping: it becomes the
+/// target of a full sync however far the source's generations moved on,
+/// where the same generations on a consistent disk are split brain.
+#[test]
+fn an_inconsistent_node_is_the_sync_target_whatever_the_generations_say() {
+    let (a, b, ka, kb) = connect_related_by_history(0);
+    for acts in [&ka, &kb] {
+        assert!(
+            !acts.iter().any(|x| matches!(x, Action::SplitBrain { .. })),
+            "{acts:?}"
+        );
+    }
+    assert!(
+        matches!(
+            a.core.cstate(),
+            ConnState::SyncSource | ConnState::WFBitMapS
+        ),
+        "{}",
+        a.core.cstate()
+    );
+    assert!(
+        matches!(
+            b.core.cstate(),
+            ConnState::SyncTarget | ConnState::WFBitMapT
+        ),
+        "{}",
+        b.core.cstate()
+    );
+    assert!(
+        ka.iter()
+            .any(|x| matches!(x, Action::MarkOutOfSync { range } if *range == (0..SIZE))),
+        "a full sync marks the whole device on the source: {ka:?}"
+    );
+    assert!(ka
+        .iter()
+        .any(|x| matches!(x, Action::Log(l) if l.contains("due to disk states"))));
+
+    let (a, b, ka, kb) = connect_related_by_history(flags::CONSISTENT | flags::WAS_UP_TO_DATE);
+    for (n, acts) in [(&a, &ka), (&b, &kb)] {
+        assert!(
+            acts.iter().any(|x| matches!(x, Action::SplitBrain { .. })),
+            "{acts:?}"
+        );
+        assert_eq!(n.core.cstate(), ConnState::StandAlone);
+    }
+}

@@ -269,6 +269,12 @@ pub struct Stats {
     pub repairs: u64,
     /// Resyncs that finished.
     pub resyncs: u64,
+    /// Connects where a SyncSource that missed its resync's end resumed
+    /// from its bitmap (rule `missed-resync-end`).
+    pub missed_resync_ends: u64,
+    /// Connects where an Inconsistent disk made its node the SyncTarget
+    /// against what the generations alone said.
+    pub disk_state_syncs: u64,
     /// Online verifies that finished.
     pub verifies: u64,
     /// `invalidate`s that started a full resync.
@@ -314,6 +320,8 @@ impl Stats {
             split_brains,
             repairs,
             resyncs,
+            missed_resync_ends,
+            disk_state_syncs,
             verifies,
             invalidates,
             al_busy,
@@ -335,7 +343,7 @@ impl fmt::Display for Stats {
             "runs {}, steps {}, writes {} submitted / {} completed / {} failed, flushes {}, \
              requests dropped by crashes {}, frames {}, link drops {}, link ups {}, connections {}, \
              daemon crashes {}, machine crashes {}, promotions {}, demotions {}, rogue promotions {}, \
-             split brains {}, repairs {}, resyncs {}, verifies {}, invalidates {}, AL busy {}, peer completion checks {}, peer flush checks {}, \
+             split brains {}, repairs {}, resyncs {} (missed ends {}, by disk states {}), verifies {}, invalidates {}, AL busy {}, peer completion checks {}, peer flush checks {}, \
              split-brain checks {}, disk comparisons {} ({} differing blocks, all marked), \
              blocks marked by AL replay {}, disks detached after errors {}",
             self.runs,
@@ -357,6 +365,8 @@ impl fmt::Display for Stats {
             self.split_brains,
             self.repairs,
             self.resyncs,
+            self.missed_resync_ends,
+            self.disk_state_syncs,
             self.verifies,
             self.invalidates,
             self.al_busy,
@@ -826,8 +836,11 @@ impl Sim {
         {
             // Split brain resolved with this node as the victim: what it
             // acknowledged apart is discarded by design, and until the
-            // resync is done it holds no consistent data to check.
+            // resync is done it holds no consistent data to check. Its
+            // Inconsistent disk is the target at every later connect too,
+            // so the split brain is not reported again.
             self.nodes[n].acked.clear();
+            self.nodes[n].wrote_apart = false;
         }
         self.note(|| format!("n{n} <- {ev:?}  [{pre} -> {post}]"));
         self.exec_all(n, acts.clone(), &lost)?;
@@ -1043,6 +1056,11 @@ impl Sim {
             }
             Action::Disconnect { .. } => self.drop_link(),
             Action::SplitBrain { .. } => self.stats.split_brains += 1,
+            // Counted so a run shows these connect rules were exercised.
+            Action::Log(l) if l.contains("rule missed-resync-end") => {
+                self.stats.missed_resync_ends += 1
+            }
+            Action::Log(l) if l.contains("due to disk states") => self.stats.disk_state_syncs += 1,
             Action::Log(_) => {}
             Action::PromotionDone(r) => {
                 self.note(|| format!("n{n} primary (after asking the peer): {r:?}"));
