@@ -2164,11 +2164,13 @@ impl Core {
                 gi::Decision::Source { .. } | gi::Decision::Target { .. } => {}
             }
             self.cstate = ConnState::Connected;
+            // From here on the peer may adopt our current generation (a
+            // resync's end, a new-current-uuid), so a later rotation keeps it.
             out.push(Action::PersistFlags {
-                set: flags::CONNECTED_IND,
+                set: flags::CONNECTED_IND | flags::CURRENT_SHARED,
                 clear: 0,
             });
-            self.flags |= flags::CONNECTED_IND;
+            self.flags |= flags::CONNECTED_IND | flags::CURRENT_SHARED;
             self.persist_flags(0, flags::PEER_OUT_DATED, out);
             // Used once, as DRBD does.
             self.discard_my_data = false;
@@ -2318,16 +2320,29 @@ impl Core {
         if g.current != UUID_JUST_CREATED {
             if g.bitmap == 0 {
                 g.bitmap = g.current;
-            } else {
+            } else if self.flags & flags::CURRENT_SHARED != 0 {
                 // The bitmap already tracks changes since an older
                 // generation (a superset); the current one must stay known
                 // so a peer still on it, or diverged from it, is related.
                 g.history = [g.current, g.history[0]];
             }
+            // Otherwise the current generation began after the last
+            // accepted connect: no peer holds it or diverged from it, so it
+            // is simply replaced. Pushing it would only crowd out of the two
+            // history slots the generations a peer does share, and a pair
+            // promoted and crashed over and over while apart would end up
+            // looking unrelated instead of split brain.
         }
         g.current = self.fresh_uuid();
         self.gens = g;
         out.push(Action::PersistGenerations(g));
+        // Written after the generations: a crash in between leaves the
+        // flag set, which only keeps one generation more.
+        if self.cstate.is_connected() {
+            self.persist_flags(flags::CURRENT_SHARED, 0, out);
+        } else {
+            self.persist_flags(0, flags::CURRENT_SHARED, out);
+        }
     }
 
     fn adopt_uuid(&mut self, uuid: u64, out: &mut Vec<Action>) {
@@ -2433,8 +2448,7 @@ impl Core {
     }
 }
 
-/// No local data to read, compare or write: detached, or failed and being
-/// detached.
+/// What a connect-time decision means, for logs.
 fn decision_name(d: gi::Decision) -> &'static str {
     match d {
         gi::Decision::NoSync => "no resync",
@@ -2447,6 +2461,8 @@ fn decision_name(d: gi::Decision) -> &'static str {
     }
 }
 
+/// No local data to read, compare or write: detached, or failed and being
+/// detached.
 fn no_disk(d: DiskState) -> bool {
     matches!(d, DiskState::Diskless | DiskState::Failed)
 }

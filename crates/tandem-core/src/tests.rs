@@ -1304,3 +1304,42 @@ fn an_inconsistent_node_is_the_sync_target_whatever_the_generations_say() {
         assert_eq!(n.core.cstate(), ConnState::StandAlone);
     }
 }
+
+/// A promotion while apart keeps the old current generation in history only
+/// when a peer may hold it (it was in place at an accepted connect): one
+/// begun while apart is replaced, so the generations a peer does share stay
+/// in the two history slots however often the node is promoted again.
+#[test]
+fn a_rotation_keeps_only_generations_a_peer_may_hold() {
+    for shared in [false, true] {
+        let mut n = Node::new(
+            Protocol::C,
+            Attached {
+                gens: Generations {
+                    current: 0xC000,
+                    bitmap: 0xB000,
+                    history: [0xA000, 0],
+                },
+                flags: flags::CONSISTENT
+                    | flags::WAS_UP_TO_DATE
+                    | if shared { flags::CURRENT_SHARED } else { 0 },
+            },
+            3,
+        );
+        n.core.promote(false, &mut n.actions).unwrap();
+        let g = n.core.generations();
+        assert_ne!(g.current, 0xC000, "a new generation before new writes");
+        assert_eq!(g.bitmap, 0xB000);
+        let expected = if shared {
+            [0xC000, 0xA000]
+        } else {
+            [0xA000, 0]
+        };
+        assert_eq!(g.history, expected, "shared: {shared}");
+        // The new generation is not shared either: the next promotion
+        // replaces it too.
+        n.core.demote(0, &mut n.actions).unwrap();
+        n.core.promote(false, &mut n.actions).unwrap();
+        assert_eq!(n.core.generations().history, expected, "shared: {shared}");
+    }
+}

@@ -44,7 +44,7 @@ pub mod flags {
     pub const CONSISTENT: u32 = 1 << 0;
     /// Set while Primary: found set at open, the node crashed as Primary.
     pub const PRIMARY_IND: u32 = 1 << 1;
-    /// Set while connected to the peer.
+    /// Set at the first accepted connect and kept (nothing reads it).
     pub const CONNECTED_IND: u32 = 1 << 2;
     /// A full sync is pending.
     pub const FULL_SYNC: u32 = 1 << 3;
@@ -56,11 +56,15 @@ pub mod flags {
     pub const CRASHED_PRIMARY: u32 = 1 << 6;
     /// The last shutdown was clean: the AL holds no writes in flight.
     pub const AL_CLEAN: u32 = 1 << 7;
+    /// The current generation was in place at an accepted connect, so the
+    /// peer may hold it (tandem's own: DRBD has no such flag). A rotation
+    /// keeps such a generation in history and replaces one that is not.
+    pub const CURRENT_SHARED: u32 = 1 << 8;
     /// All known flags.
-    pub const ALL: u32 = (1 << 8) - 1;
+    pub const ALL: u32 = (1 << 9) - 1;
 
     /// Names for dumps, in bit order.
-    pub const NAMES: [(u32, &str); 8] = [
+    pub const NAMES: [(u32, &str); 9] = [
         (CONSISTENT, "consistent"),
         (PRIMARY_IND, "primary-ind"),
         (CONNECTED_IND, "connected-ind"),
@@ -69,6 +73,7 @@ pub mod flags {
         (PEER_OUT_DATED, "peer-outdated"),
         (CRASHED_PRIMARY, "crashed-primary"),
         (AL_CLEAN, "al-clean"),
+        (CURRENT_SHARED, "current-shared"),
     ];
 }
 

@@ -158,3 +158,24 @@ fn resync_findings() {
         replay(seed, "");
     }
 }
+
+/// Generation findings (2026-12-06).
+///
+/// - Seed 11049 (found with 20,000 seeds): after a split brain both nodes
+///   were promoted again after every crash while apart, and each promotion
+///   moved the current generation into history although no peer had ever
+///   seen it; the shared ancestors left the two history slots and the next
+///   connect found `unrelated-data` instead of split brain. Now a rotation
+///   replaces a current generation begun since the last accepted connect
+///   (superblock flag `current-shared`).
+/// - The chaos soak of real daemons (`tests/soak.rs`, seed
+///   0x164f71599b55c957) found the same crowding from the Primary's side:
+///   an Inconsistent SyncTarget's generation left the source's history and
+///   the connect read `split-brain-history-match`. Now an Inconsistent node
+///   is the SyncTarget whatever the generations say; the core unit test
+///   `an_inconsistent_node_is_the_sync_target_whatever_the_generations_say`
+///   holds the situation.
+#[test]
+fn generation_findings() {
+    replay(11049, "");
+}
