@@ -798,13 +798,11 @@ fn dirty_runs(pair: &Pair, node: Node) -> String {
 }
 
 #[test]
-#[ignore = "bug hunt, not a gate: it still finds an open bug (a false split brain after repeated generation rotations, see docs/architecture.md); run with --ignored"]
 fn chaos_soak_protocol_c() {
     soak("C", 30);
 }
 
 #[test]
-#[ignore = "bug hunt, not a gate: it still finds an open bug (a false split brain after repeated generation rotations, see docs/architecture.md); run with --ignored"]
 fn chaos_soak_protocol_a() {
     soak("A", 20);
 }
