@@ -41,6 +41,13 @@ const INLINE_WRITE_MAX: usize = 64 * 1024;
 const OUTBOX_BYTES: usize = 1 << 20;
 /// Event lines kept for slow `events` readers before they lose some.
 const EVENT_BACKLOG: usize = 1024;
+/// An HA script demotes right after its NBD client went away, but that
+/// client's writes can still be in the pipeline (its connection ends at
+/// once; what it submitted finishes on both nodes), and the server counts a
+/// connection until it has closed. `secondary` and `down` wait this long
+/// for both before refusing, so a switch-over does not fail in that window
+/// (a client that stays connected is refused after the wait).
+const CLIENTS_GONE_GRACE: Duration = Duration::from_secs(1);
 
 /// What `run` needs.
 #[derive(Clone, Debug)]
@@ -550,6 +557,7 @@ async fn run_async(opts: DaemonOptions, ready: impl FnOnce()) -> Result<(), Stri
         external_md: placement == Placement::External,
         pending_promote: None,
         promotion_result: None,
+        pending_demote: None,
     };
     ready();
     info!("{res} is up on {}", me.name);
@@ -717,6 +725,19 @@ async fn ask(tx: &mpsc::Sender<Input>, req: Request) -> Response {
         .unwrap_or_else(|_| Response::refused("the resource is shutting down"))
 }
 
+/// The NBD clients still counted once those closing have had
+/// [`CLIENTS_GONE_GRACE`] to finish.
+async fn clients_after_grace(stats: &ServerStats) -> usize {
+    let deadline = Instant::now() + CLIENTS_GONE_GRACE;
+    loop {
+        let n = stats.clients();
+        if n == 0 || Instant::now() >= deadline {
+            return n;
+        }
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+}
+
 /// Verbs that involve the NBD frontend are handled here, around the actor.
 async fn admin(
     req: &Request,
@@ -725,9 +746,13 @@ async fn admin(
     kick: &mpsc::Sender<oneshot::Sender<()>>,
     stop_tx: &watch::Sender<bool>,
 ) -> Response {
-    let clients = stats.clients();
     match req.verb.as_str() {
         "secondary" | "down" => {
+            let clients = if req.force {
+                stats.clients()
+            } else {
+                clients_after_grace(stats).await
+            };
             if clients > 0 && !req.force {
                 return Response::refused(format!("device is in use by {clients} NBD clients"));
             }
@@ -851,6 +876,9 @@ struct Actor {
     /// The `primary` caller waiting for the peer's answer.
     pending_promote: Option<oneshot::Sender<Response>>,
     promotion_result: Option<Result<(), tandem_core::Refusal>>,
+    /// The `secondary` caller waiting for requests in flight to finish,
+    /// and until when it waits.
+    pending_demote: Option<(oneshot::Sender<Response>, Instant)>,
 }
 
 enum ClientPayload {
@@ -1041,6 +1069,7 @@ impl Actor {
                     Err(_) => break,
                 }
             }
+            self.retry_demote().await;
         }
         self.flush_outbox().await;
         // Orderly goodbye so the peer logs why, then a clean close.
@@ -1140,6 +1169,15 @@ impl Actor {
             Input::Link(ev) => self.link_event(ev).await,
             Input::Admin(req, reply) if req.verb == "primary" => {
                 self.promote(req.force, reply).await;
+            }
+            Input::Admin(req, reply) if req.verb == "secondary" => {
+                if let Some((earlier, _)) = self.pending_demote.take() {
+                    let _ = earlier.send(Response::refused(
+                        "a later secondary request took over this one",
+                    ));
+                }
+                self.pending_demote = Some((reply, Instant::now() + CLIENTS_GONE_GRACE));
+                self.retry_demote().await;
             }
             Input::Admin(req, reply) => {
                 let resp = self.admin(&req).await;
@@ -2200,13 +2238,6 @@ impl Actor {
                     Response::ok(self.status_text())
                 }
             }
-            "secondary" => {
-                let clients = self.nbd_stats.clients();
-                match self.core.demote(clients, &mut out) {
-                    Ok(()) => Response::ok(""),
-                    Err(e) => Response::refused(e.to_string()),
-                }
-            }
             "prepare-down" => {
                 let clients = self.nbd_stats.clients();
                 if clients > 0 {
@@ -2271,6 +2302,29 @@ impl Actor {
     }
 
     /// `primary`: answered at once, or when the peer has answered.
+    /// Try the waiting `secondary` again: it succeeds once the requests in
+    /// flight are done, or is refused when its time is up or for any other
+    /// reason than those requests.
+    async fn retry_demote(&mut self) {
+        let Some((_, deadline)) = &self.pending_demote else {
+            return;
+        };
+        let late = Instant::now() >= *deadline;
+        let mut out = Vec::new();
+        let r = self.core.demote(self.nbd_stats.clients(), &mut out);
+        let resp = match r {
+            Ok(()) => Response::ok(""),
+            Err(tandem_core::Refusal::Busy(_) | tandem_core::Refusal::InUse(_)) if !late => {
+                return;
+            }
+            Err(e) => Response::refused(e.to_string()),
+        };
+        if let Some((reply, _)) = self.pending_demote.take() {
+            let _ = reply.send(resp);
+        }
+        self.execute(out).await;
+    }
+
     async fn promote(&mut self, force: bool, reply: oneshot::Sender<Response>) {
         if self.pending_promote.is_some() {
             let _ = reply.send(Response::refused(
