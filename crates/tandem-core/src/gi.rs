@@ -110,17 +110,15 @@ pub fn compare(me: &Generations, peer: &Generations) -> (Rule, Decision) {
     // A finished SyncTarget holds the source's current generation, with the
     // sync generation (the source's bitmap generation) first in its history
     // and no bitmap generation. A source that never heard the end kept that
-    // bitmap generation and, losing the link as Primary, moved its current
-    // one into history. Its bitmap still holds every block the target lacks
-    // (bits clear only on the target's acks), so it names the difference;
-    // a target that wrote on its own since has a bitmap generation and
-    // does not match. DRBD's rule 34 corrects the same miss when the
-    // current generations are still equal.
+    // bitmap generation and, losing the link as Primary, started a new
+    // current one (keeping the old one in history or not: it did not know
+    // the target had taken it). Its bitmap still holds every block the
+    // target lacks (bits clear only on the target's acks), so it names the
+    // difference; a target that wrote on its own since has a bitmap
+    // generation and does not match. DRBD's rule 34 corrects the same miss
+    // when the current generations are still equal.
     let missed_end = |src: &Generations, tgt: &Generations| {
-        src.bitmap != 0
-            && tgt.bitmap == 0
-            && tgt.history[0] == src.bitmap
-            && in_history(tgt.current, src)
+        src.bitmap != 0 && tgt.bitmap == 0 && tgt.history[0] == src.bitmap
     };
     if missed_end(me, peer) {
         return (Rule::MissedResyncEnd, Decision::Source { full: false });
@@ -181,6 +179,9 @@ mod tests {
             (g(0xC0, 0, 0, 0xA0), g(0xA0, 0, 0, 0), Rule::PeerCurrentInMyHistory, Decision::Source { full: true }),
             (g(0xC0, 0xA0, 0xB0, 0), g(0xB0, 0, 0xA0, 0), Rule::MissedResyncEnd, Decision::Source { full: false }),
             (g(0xB0, 0, 0xA0, 0), g(0xD0, 0xA0, 0xC0, 0xB0), Rule::PeerMissedResyncEnd, Decision::Target { full: false }),
+            // ... also when the source no longer remembers the generation
+            // the target took from it.
+            (g(0xC0, 0xA0, 0x90, 0), g(0xB0, 0, 0xA0, 0), Rule::MissedResyncEnd, Decision::Source { full: false }),
             // The target wrote on its own since (it has a bitmap generation):
             // split brain, not a missed end.
             (g(0xC0, 0xA0, 0xB0, 0), g(0xE0, 0xB0, 0xA0, 0), Rule::HistoryMatch, Decision::SplitBrain),

@@ -2164,13 +2164,21 @@ impl Core {
                 gi::Decision::Source { .. } | gi::Decision::Target { .. } => {}
             }
             self.cstate = ConnState::Connected;
-            // From here on the peer may adopt our current generation (a
-            // resync's end, a new-current-uuid), so a later rotation keeps it.
+            // A peer with a disk on our current generation holds it, so a
+            // later rotation keeps it. A SyncTarget adopts it only at the
+            // resync's end (`take_current` and `finish_sync_source` mark it
+            // then; a source that missed the end is recognised by the rule
+            // `missed-resync-end`); a diskless peer holds no generation.
+            let shared = if !diskless && report.gens.current == self.gens.current {
+                flags::CURRENT_SHARED
+            } else {
+                0
+            };
             out.push(Action::PersistFlags {
-                set: flags::CONNECTED_IND | flags::CURRENT_SHARED,
+                set: flags::CONNECTED_IND | shared,
                 clear: 0,
             });
-            self.flags |= flags::CONNECTED_IND | flags::CURRENT_SHARED;
+            self.flags |= flags::CONNECTED_IND | shared;
             self.persist_flags(0, flags::PEER_OUT_DATED, out);
             // Used once, as DRBD does.
             self.discard_my_data = false;
@@ -2194,13 +2202,15 @@ impl Core {
                 out,
             );
         }
-        if no_disk(report.disk) && !no_disk(self.peer_disk) && self.role == Role::Primary {
+        let peer_lost_disk =
+            no_disk(report.disk) && !no_disk(self.peer_disk) && self.role == Role::Primary;
+        self.peer_role = report.role;
+        self.peer_disk = report.disk;
+        if peer_lost_disk {
             // Invariant 5: from here on the peer's disk misses writes; when
             // it comes back the generations must say so.
             self.new_current_uuid(out);
         }
-        self.peer_role = report.role;
-        self.peer_disk = report.disk;
         let source_done = matches!(&self.sync, Some(s) if s.side == SyncSide::Source && s.running);
         if !first && source_done && report.disk == DiskState::UpToDate {
             self.finish_sync_source(out);
@@ -2336,13 +2346,10 @@ impl Core {
         g.current = self.fresh_uuid();
         self.gens = g;
         out.push(Action::PersistGenerations(g));
-        // Written after the generations: a crash in between leaves the
-        // flag set, which only keeps one generation more.
-        if self.cstate.is_connected() {
-            self.persist_flags(flags::CURRENT_SHARED, 0, out);
-        } else {
-            self.persist_flags(0, flags::CURRENT_SHARED, out);
-        }
+        // No peer holds a generation just begun. Written after the
+        // generations: a crash in between leaves the flag set, which only
+        // keeps one generation more.
+        self.persist_flags(0, flags::CURRENT_SHARED, out);
     }
 
     fn adopt_uuid(&mut self, uuid: u64, out: &mut Vec<Action>) {
@@ -2352,6 +2359,7 @@ impl Core {
             history: [0, 0],
         };
         out.push(Action::PersistGenerations(self.gens));
+        self.persist_flags(flags::CURRENT_SHARED, 0, out);
         out.push(Action::ClearBitmap);
         self.set_disk(DiskState::UpToDate, out);
     }

@@ -996,6 +996,9 @@ impl Core {
             },
         };
         out.push(Action::PersistGenerations(self.gens));
+        // The source holds it (as its bitmap generation at a resync's
+        // start, as its current one at the end).
+        self.persist_flags(flags::CURRENT_SHARED, 0, out);
     }
 
     /// Source: the target reports UpToDate, so the resync is over.
@@ -1011,6 +1014,8 @@ impl Core {
                 out.push(Action::PersistGenerations(g));
             }
         }
+        // The target took our current generation at its end.
+        self.persist_flags(flags::CURRENT_SHARED, 0, out);
         self.persist_flags(0, flags::CRASHED_PRIMARY, out);
         out.push(Action::Log("resync finished: the peer is UpToDate".into()));
         out.push(Action::ResyncFinished);

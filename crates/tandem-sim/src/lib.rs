@@ -45,12 +45,15 @@
 //!   the other, never forced); failover to an UpToDate survivor when the
 //!   Primary dies; "rogue" promotion of the Secondary while disconnected
 //!   (split brain), after which clients write to both Primaries.
-//! - **Repair**: the core has no resync yet, so a pair stays degraded
-//!   (Outdated peer, StandAlone after split brain) once it diverged. At a
-//!   random step an operator stops both daemons, compares the disks (every
-//!   differing block must be marked in a bitmap: invariant 3), copies the
-//!   better node's data to the other, gives both the same generations and
-//!   clean bitmaps and restarts them connected.
+//! - **Resync** runs in the core as on real daemons (bitmap exchange,
+//!   resync requests and data, checksums, verify, `invalidate`,
+//!   split-brain recovery by the cycled `after-sb-*` policies), with the
+//!   blocks' contents moved by the simulation.
+//! - **Repair**: a split brain left StandAlone stays so until an operator
+//!   acts; at a random step one stops both daemons, compares the disks
+//!   (every differing block must be marked in a bitmap: invariant 3),
+//!   copies the better node's data to the other, gives both the same
+//!   generations and clean bitmaps and restarts them connected.
 //!
 //! # Checkers (invariants of `design.md`)
 //!
@@ -80,6 +83,14 @@
 //!    first state report of the next link makes the receiver report
 //!    `SplitBrain` and not connect.
 //!
+//! 9. `no_false_split_brain`, the converse of 8: a connect reports split
+//!    brain only when both nodes began a data generation of their own
+//!    while apart (a new current generation persisted while not connected,
+//!    since a resync, a repair or a connect on the same generation). A node
+//!    that is merely behind must be resynced, not left StandAlone. And no
+//!    connect ever finds the nodes' data unrelated: both descend from one
+//!    pair.
+//!
 //! Plus `liveness`: once faults stop, the pair drains, every request is
 //! answered and the link comes back unless a node is StandAlone.
 //!
@@ -102,7 +113,7 @@
 //!
 //! # What is not modelled
 //!
-//! Resync (the core has none; repair stands in for it), payload bytes
+//! Payload bytes
 //! (a block holds an id, so torn sectors within a block are invisible), the
 //! wire encoding and authentication, timers, NBD, disk errors on the
 //! metadata device, and reads. Power loss ([`Options::machine_crash`]:

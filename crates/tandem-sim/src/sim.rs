@@ -54,6 +54,9 @@ pub enum Check {
     AcknowledgedDataSurvives,
     /// 8: diverged data is reported as split brain at connect.
     SplitBrainNeverSilent,
+    /// The converse of 8: split brain is reported only when both nodes
+    /// began a data generation of their own while apart.
+    NoFalseSplitBrain,
     /// Every request is answered and the pair drains once faults stop.
     Liveness,
     /// The simulation itself or the metadata failed (not a core finding).
@@ -72,6 +75,7 @@ impl Check {
             Check::OnePrimary => "one_primary",
             Check::AcknowledgedDataSurvives => "acknowledged_data_survives",
             Check::SplitBrainNeverSilent => "split_brain_never_silent",
+            Check::NoFalseSplitBrain => "no_false_split_brain",
             Check::Liveness => "liveness",
             Check::Driver => "driver",
         }
@@ -537,6 +541,10 @@ struct Node {
     /// A client write reached the disk without reaching the peer since the
     /// pair was last connected.
     wrote_apart: bool,
+    /// A new current generation was persisted while not connected since
+    /// the pair last held the same data generation: only when both nodes
+    /// did may a connect report split brain.
+    gen_apart: bool,
     /// The daemon restarts at this step.
     down_until: Option<usize>,
 }
@@ -566,6 +574,7 @@ impl Node {
             done: Vec::new(),
             gen_needed: false,
             wrote_apart: false,
+            gen_apart: false,
             down_until: None,
         }
     }
@@ -1014,6 +1023,7 @@ impl Sim {
                 self.stats.resyncs += 1;
                 for x in &mut self.nodes {
                     x.wrote_apart = false;
+                    x.gen_apart = false;
                 }
             }
             Action::Send(p) => self.send(n, p),
@@ -1048,6 +1058,9 @@ impl Sim {
                 self.meta(r)?;
                 if g.current != old {
                     self.nodes[n].gen_needed = false;
+                    if !self.nodes[n].cstate().is_some_and(ConnState::is_connected) {
+                        self.nodes[n].gen_apart = true;
+                    }
                 }
             }
             Action::PersistFlags { set, clear } => {
@@ -1204,10 +1217,19 @@ impl Sim {
         let armed = matches!(packet, Packet::State(_))
             && cstate == ConnState::WFReportParams
             && self.nodes.iter().all(|x| x.wrote_apart);
+        let first_report =
+            matches!(packet, Packet::State(_)) && cstate == ConnState::WFReportParams;
         let acts = self.handle(to, Event::Packet { link, packet })?;
         if armed {
             self.check_split_brain_reported(to, &acts)?;
         }
+        if first_report && acts.iter().any(|a| matches!(a, Action::SplitBrain { .. })) {
+            self.check_split_brain_real(to)?;
+        }
+        if first_report {
+            self.check_never_unrelated(to, &acts)?;
+        }
+        self.forget_apart_when_equal();
         self.pump()
     }
 
@@ -1778,6 +1800,7 @@ impl Sim {
             let dropped = self.nodes[n].forget_daemon_state();
             debug_assert_eq!(dropped, 0);
             self.nodes[n].wrote_apart = false;
+            self.nodes[n].gen_apart = false;
             let md = self.md(n);
             let r = md
                 .set_in_sync(0..SIZE)

@@ -175,7 +175,21 @@ fn resync_findings() {
 ///   is the SyncTarget whatever the generations say; the core unit test
 ///   `an_inconsistent_node_is_the_sync_target_whatever_the_generations_say`
 ///   holds the situation.
+/// - Seed 156 (found by `no_false_split_brain`, the checker added for the
+///   soak's finding): a Primary connected again and again to a peer whose
+///   disk had failed and detached, and counted each connect as sharing its
+///   current generation, so its rotations pushed the peer's generation out
+///   of history; when the peer came back with its disk, the connect said
+///   split brain. A diskless peer now shares nothing.
+/// - Seed 13044 (the same checker, 40,000 seeds): a SyncSource whose link
+///   dropped right after each connect counted its current generation as
+///   shared at every connect and pushed it into history at every drop,
+///   until the target's generation was gone. A source's current generation
+///   now counts as shared only once the target took it (the resync's end),
+///   and `missed-resync-end` no longer needs the source to remember it.
 #[test]
 fn generation_findings() {
-    replay(11049, "");
+    for seed in [11049, 156, 13044] {
+        replay(seed, "");
+    }
 }

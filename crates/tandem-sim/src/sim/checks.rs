@@ -266,6 +266,60 @@ impl Sim {
 
     /// Invariant 8: both nodes wrote apart, so the first report on a link
     /// must be refused as split brain.
+    /// A split brain reported at connect needs both nodes to have begun a
+    /// generation of their own while apart; otherwise one node is merely
+    /// behind and the pair must resync, not stand alone.
+    pub(super) fn check_split_brain_real(&mut self, n: usize) -> R {
+        if let Some(m) = (0..2).find(|&m| !self.nodes[m].gen_apart) {
+            return Err(self.fail(
+                Check::NoFalseSplitBrain,
+                format!(
+                    "n{n} reported split brain, but n{m} began no generation of its own since the pair last held the same one"
+                ),
+            ));
+        }
+        Ok(())
+    }
+
+    /// Both nodes descend from one just-created pair (repairs give them the
+    /// same generations), so their data is never unrelated: a connect that
+    /// says so has lost the relation from the generations.
+    pub(super) fn check_never_unrelated(&mut self, n: usize, acts: &[Action]) -> R {
+        let unrelated = acts.iter().any(
+            |a| matches!(a, Action::Disconnect { reason, .. } if reason.contains("unrelated data")),
+        );
+        if unrelated {
+            return Err(self.fail(
+                Check::NoFalseSplitBrain,
+                format!(
+                    "n{n} called the peer's data unrelated, but both nodes descend from one pair"
+                ),
+            ));
+        }
+        Ok(())
+    }
+
+    /// Connected on the same current generation: neither node is apart.
+    pub(super) fn forget_apart_when_equal(&mut self) {
+        let same = self
+            .nodes
+            .iter()
+            .all(|x| x.cstate() == Some(ConnState::Connected))
+            && {
+                let g: Vec<_> = self
+                    .nodes
+                    .iter()
+                    .filter_map(|x| x.core.as_ref().map(|c| c.generations().current))
+                    .collect();
+                g.len() == 2 && g[0] == g[1]
+            };
+        if same {
+            for x in &mut self.nodes {
+                x.gen_apart = false;
+            }
+        }
+    }
+
     pub(super) fn check_split_brain_reported(&mut self, n: usize, acts: &[Action]) -> R {
         self.stats.split_brain_checks += 1;
         let reported = acts.iter().any(|a| matches!(a, Action::SplitBrain { .. }));
