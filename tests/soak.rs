@@ -21,6 +21,13 @@
 //!    UpToDate/UpToDate with nothing out of sync, and the two backing files
 //!    are identical over the data area.
 //!
+//! A second soak moves the Primary (`roles_soak`): between verified fio jobs
+//! it switches over, fails over by `kill -9` of the Primary, kills the
+//! Secondary and cuts the link while the Primary writes alone; no split
+//! brain may be reported and the replicas must end identical. It found that
+//! a promotion right after the peer's `secondary` returned was refused with
+//! the peer's stale role.
+//!
 //! `TANDEM_SOAK_SEED` replays a run (the seed, the schedule executed and the
 //! daemons' logs are printed when a test fails); `TANDEM_SOAK_SECS` sets how
 //! long the chaos lasts (default 30 s for protocol C, 20 s for protocol A).
@@ -473,7 +480,7 @@ fn settle(pair: &Pair, journal: &Journal) {
         let fail = |why: &str| -> ! {
             panic!(
                 "the pair did not settle after the chaos: {why}\nalpha:\n{a:#}\nbeta:\n{b:#}\n{}",
-                log_problems(pair, journal).join("\n\n")
+                log_problems(pair, journal, false).join("\n\n")
             )
         };
         if a["sync"]["paused"] == true || b["sync"]["paused"] == true {
@@ -540,9 +547,10 @@ fn alpha_state_problem(log: &str) -> Option<String> {
 }
 
 /// No panic, no local disk error, no split brain, no payload mismatch in
-/// either log; alpha never left Primary/UpToDate, never Diskless (its own
-/// disk). ERROR lines that are none of these go to the journal.
-fn log_problems(pair: &Pair, journal: &Journal) -> Vec<String> {
+/// either log; alpha never went Diskless (its own disk) and, when
+/// `alpha_stays_primary`, never left Primary/UpToDate. ERROR lines that are
+/// none of these go to the journal.
+fn log_problems(pair: &Pair, journal: &Journal, alpha_stays_primary: bool) -> Vec<String> {
     let mut problems = Vec::new();
     for node in [Alpha, Beta] {
         let log = pair.log(node);
@@ -574,7 +582,9 @@ fn log_problems(pair: &Pair, journal: &Journal) -> Vec<String> {
         }
     }
     let alpha = pair.log(Alpha);
-    problems.extend(alpha_state_problem(&alpha));
+    if alpha_stays_primary {
+        problems.extend(alpha_state_problem(&alpha));
+    }
     let diskless: Vec<&str> = alpha
         .lines()
         .filter(|l| l.contains("this node is Diskless") || l.contains("disk Diskless/"))
@@ -737,7 +747,7 @@ fn soak(protocol: &'static str, default_secs: u64) {
             dirty_runs(&pair, node)
         ));
     }
-    problems.extend(log_problems(&pair, &journal));
+    problems.extend(log_problems(&pair, &journal, true));
     if let Some(off) = first_difference(&pair.disk(Alpha), &pair.disk(Beta), 0, pair.data_size()) {
         problems.push(format!(
             "the replicas differ: first difference at byte {off} ({} MiB + {}): alpha {:02x?}, beta {:02x?}; {} bytes differ in the 1 MiB there",
@@ -751,6 +761,200 @@ fn soak(protocol: &'static str, default_secs: u64) {
     assert!(
         problems.is_empty(),
         "{} problem(s) after the chaos soak:\n\n{}",
+        problems.len(),
+        problems.join("\n\n")
+    );
+    journal.note("replicas identical");
+}
+
+// ---------------------------------------------------------------------------
+// The role-change soak
+// ---------------------------------------------------------------------------
+
+/// What the role-change soak does between two verified fio jobs.
+#[derive(Debug, Clone, Copy)]
+enum RoleEvent {
+    /// `secondary` on the Primary, `primary` on the other node.
+    Switchover,
+    /// `kill -9` of the Primary, the survivor promoted, the dead node
+    /// started again (as Secondary).
+    Failover,
+    /// `kill -9` of the Secondary, started again at once.
+    Kill9Secondary,
+    /// `disconnect` on either node: the next jobs write on one side only.
+    Disconnect(Node),
+    /// `connect` on both.
+    Connect,
+    /// Nothing: another job.
+    Pause,
+}
+
+/// Both nodes Connected, UpToDate/UpToDate, nothing to resync: the only
+/// state in which moving the Primary cannot diverge the data (the operator's
+/// rule; moving it otherwise is a split brain on purpose, which the other
+/// tests cover).
+fn in_sync(pair: &Pair, node: Node) -> bool {
+    let s = pair.status(node);
+    s["cstate"] == "Connected"
+        && s["disk"] == "UpToDate"
+        && s["peer-disk"] == "UpToDate"
+        && s["sync"].is_null()
+        && s["out-of-sync-bytes"] == 0
+}
+
+/// Before moving the Primary, as an HA manager does: connect, and wait up
+/// to 20 s for the pair to be in sync. Whether it got there.
+fn bring_in_sync(pair: &Pair, node: Node) -> bool {
+    if in_sync(pair, node) {
+        return true;
+    }
+    for n in [Alpha, Beta] {
+        chaos_verb(pair, n, "connect");
+    }
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while Instant::now() < deadline {
+        if in_sync(pair, node) {
+            return true;
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    false
+}
+
+/// The Primary moves: switch-overs, failovers by `kill -9`, a Secondary
+/// killed, the link cut while the Primary writes alone, every step between
+/// two verified fio jobs on whichever node is Primary. The generations
+/// must tell "behind" from "diverged" through all of it: no split brain is
+/// ever reported (nobody writes on both sides), every reconnect resyncs
+/// towards the node that missed writes, and the replicas end identical.
+fn roles_soak(protocol: &'static str, default_secs: u64) {
+    require_tool("fio");
+    let seed = soak_seed();
+    let duration = soak_duration(default_secs);
+    eprintln!(
+        "soak: roles, protocol {protocol}, seed {seed:#x} (TANDEM_SOAK_SEED={seed:#x}), {}s",
+        duration.as_secs()
+    );
+    let mut rng = Rng(seed);
+    let (extra_net, extra_disk) = config_lines(&mut rng);
+    let pair = Pair::connected(PairOptions {
+        protocol,
+        disk_size: DISK_SIZE,
+        extra_net,
+        extra_disk,
+        ..PairOptions::default()
+    });
+    let journal = Journal::new();
+    let _report = FailureReport {
+        pair: &pair,
+        seed,
+        protocol,
+        journal: journal.clone(),
+        stop: Arc::new(AtomicBool::new(false)),
+    };
+    journal.note(format!(
+        "roles, protocol {protocol}; [net] {}; [disk] {}",
+        extra_net.replace('\n', ", "),
+        extra_disk.replace('\n', ", ")
+    ));
+    let other = |n: Node| if n == Alpha { Beta } else { Alpha };
+    let mut primary = Alpha;
+    let mut moves = 0u64;
+    let mut jobs = 0u64;
+    let end = Instant::now() + duration;
+    while Instant::now() < end {
+        let (written, verified) = fio_job(
+            &pair.scratch(),
+            &pair.nbd_uri(primary),
+            jobs,
+            &mut rng,
+            pair.data_size(),
+        )
+        .unwrap_or_else(|e| panic!("the client on {primary} saw a failure:\n{e}"));
+        jobs += 1;
+        let job_node = primary;
+        let ev = rng.pick(&[
+            RoleEvent::Switchover,
+            RoleEvent::Switchover,
+            RoleEvent::Failover,
+            RoleEvent::Failover,
+            RoleEvent::Kill9Secondary,
+            RoleEvent::Disconnect(Alpha),
+            RoleEvent::Disconnect(Beta),
+            RoleEvent::Connect,
+            RoleEvent::Connect,
+            RoleEvent::Pause,
+        ]);
+        let secondary = other(primary);
+        let outcome = match ev {
+            RoleEvent::Switchover | RoleEvent::Failover if !bring_in_sync(&pair, primary) => {
+                "skipped: the pair did not get in sync within 20 s".to_string()
+            }
+            RoleEvent::Switchover => {
+                pair.ok(primary, &["secondary", RES]);
+                pair.ok(secondary, &["primary", RES]);
+                primary = secondary;
+                moves += 1;
+                format!("{primary} is Primary")
+            }
+            RoleEvent::Failover => {
+                pair.kill9(primary);
+                // As an HA manager does: promote once the survivor has
+                // seen the peer go (asked before, it answers "try again").
+                pair.wait_for(secondary, "cstate", "WFConnection", STATE_TIMEOUT);
+                pair.ok(secondary, &["primary", RES]);
+                let dead = primary;
+                primary = secondary;
+                pair.up(dead);
+                moves += 1;
+                format!("{dead} killed, {primary} promoted, {dead} up again")
+            }
+            RoleEvent::Kill9Secondary => {
+                pair.kill9(secondary);
+                pair.up(secondary);
+                format!("{secondary} killed and up again")
+            }
+            RoleEvent::Disconnect(n) => chaos_verb(&pair, n, "disconnect"),
+            RoleEvent::Connect => {
+                let a = chaos_verb(&pair, Alpha, "connect");
+                let b = chaos_verb(&pair, Beta, "connect");
+                format!("{a}, {b}")
+            }
+            RoleEvent::Pause => {
+                std::thread::sleep(Duration::from_millis(rng.below(1000)));
+                "paused".into()
+            }
+        };
+        journal.note(format!(
+            "job {} on {} wrote {} KiB, verified {} KiB; {ev:?} -> {outcome}",
+            jobs - 1,
+            job_node,
+            written / 1024,
+            verified / 1024
+        ));
+    }
+    journal.note(format!("{jobs} jobs, the Primary moved {moves} times"));
+    assert!(jobs > 0, "no fio job ran");
+    settle(&pair, &journal);
+
+    let mut problems = Vec::new();
+    pair.wait_status(primary, "no NBD client", STATE_TIMEOUT, |s| {
+        s["nbd-clients"] == 0
+    });
+    pair.down(primary);
+    pair.down(other(primary));
+    problems.extend(log_problems(&pair, &journal, false));
+    if let Some(off) = first_difference(&pair.disk(Alpha), &pair.disk(Beta), 0, pair.data_size()) {
+        problems.push(format!(
+            "the replicas differ: first difference at byte {off} ({} MiB + {}); {} bytes differ in the 1 MiB there",
+            off / MIB,
+            off % MIB,
+            differing_bytes(&pair, off / MIB * MIB, MIB)
+        ));
+    }
+    assert!(
+        problems.is_empty(),
+        "{} problem(s) after the role-change soak:\n\n{}",
         problems.len(),
         problems.join("\n\n")
     );
@@ -805,4 +1009,14 @@ fn chaos_soak_protocol_c() {
 #[test]
 fn chaos_soak_protocol_a() {
     soak("A", 20);
+}
+
+#[test]
+fn role_change_soak_protocol_c() {
+    roles_soak("C", 30);
+}
+
+#[test]
+fn role_change_soak_protocol_a() {
+    roles_soak("A", 20);
 }

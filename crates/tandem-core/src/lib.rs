@@ -955,7 +955,12 @@ impl Core {
                 "refusing to promote: a promotion is already in progress".into(),
             ));
         }
-        self.check_promotion(force)?;
+        // A connected peer answers for its own role: the one this node last
+        // heard may be stale, as when an HA manager demotes the peer and
+        // promotes this node the moment the demotion returned, before the
+        // peer's state report arrived. Its answer comes after that report
+        // (one ordered link), and the checks run again then.
+        self.check_promotion(force, false)?;
         if self.cstate.is_connected() {
             let token = self.fresh_uuid();
             self.promoting = Some((token, force));
@@ -966,9 +971,9 @@ impl Core {
         Ok(Promotion::Done)
     }
 
-    fn check_promotion(&self, force: bool) -> Result<(), Refusal> {
+    fn check_promotion(&self, force: bool, peer_role_known: bool) -> Result<(), Refusal> {
         let connected = self.cstate.is_connected();
-        if connected && self.peer_role == Role::Primary {
+        if peer_role_known && connected && self.peer_role == Role::Primary {
             return Err(Refusal::PeerIsPrimary);
         }
         if self.cstate == ConnState::WFReportParams {
@@ -1868,7 +1873,7 @@ impl Core {
                     if !granted {
                         out.push(Action::PromotionDone(Err(Refusal::PeerIsPrimary)));
                     } else {
-                        match self.check_promotion(force) {
+                        match self.check_promotion(force, true) {
                             Ok(()) => {
                                 // Reported first: the driver answers the
                                 // operator, and the actions that follow

@@ -560,15 +560,21 @@ fn overlap_with_writes_in_flight_is_exact() {
 #[test]
 fn role_rules() {
     let (mut a, mut b) = pair(Protocol::C);
-    assert_eq!(
-        b.core.promote(false, &mut b.actions),
-        Err(Refusal::PeerIsPrimary)
-    );
-    assert_eq!(
-        b.core.promote(true, &mut b.actions),
-        Err(Refusal::PeerIsPrimary),
-        "--force does not make two Primaries"
-    );
+    for force in [false, true] {
+        // The peer answers for its role ("--force does not make two
+        // Primaries").
+        assert_eq!(
+            b.core.promote(force, &mut b.actions),
+            Ok(Promotion::Pending)
+        );
+        let (_, kb) = exchange(&mut a, &mut b);
+        assert!(
+            kb.contains(&Action::PromotionDone(Err(Refusal::PeerIsPrimary))),
+            "force {force}: {kb:?}"
+        );
+        assert_eq!(b.core.role(), Role::Secondary);
+        assert_eq!(a.core.role(), Role::Primary);
+    }
     assert_eq!(
         a.core.demote(2, &mut a.actions).map_err(|e| e.to_string()),
         Err("device is in use by 2 NBD clients".to_string())
@@ -1342,4 +1348,24 @@ fn a_rotation_keeps_only_generations_a_peer_may_hold() {
         n.core.promote(false, &mut n.actions).unwrap();
         assert_eq!(n.core.generations().history, expected, "shared: {shared}");
     }
+}
+
+/// An HA manager demotes the Primary and promotes the other node the moment
+/// the demotion returned, before the demoted node's state report arrived:
+/// the peer is asked, and it is no longer Primary.
+#[test]
+fn promotion_right_after_the_peer_demoted_is_granted() {
+    let (mut a, mut b) = pair(Protocol::C);
+    a.core.demote(0, &mut a.actions).unwrap();
+    // a's report (Secondary) is still on its way to b.
+    assert_eq!(b.core.peer_role(), Role::Primary);
+    assert_eq!(
+        b.core.promote(false, &mut b.actions),
+        Ok(Promotion::Pending)
+    );
+    let (_, kb) = exchange(&mut a, &mut b);
+    assert!(kb.contains(&Action::PromotionDone(Ok(()))), "{kb:?}");
+    assert_eq!(b.core.role(), Role::Primary);
+    assert_eq!(a.core.peer_role(), Role::Primary);
+    assert_eq!(b.core.peer_role(), Role::Secondary);
 }
