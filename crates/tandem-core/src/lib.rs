@@ -1011,8 +1011,13 @@ impl Core {
             DiskState::Consistent => !connected,
             _ => false,
         };
-        let peer_has_it = connected && self.peer_disk == DiskState::UpToDate && usable;
-        if !peer_has_it {
+        // As DRBD: a connected peer with a disk receives every write from
+        // now on (one behind is resynced by the bitmap it is already
+        // tracked in), so only a promotion without one, or of data that is
+        // not usable (forced), begins a new data generation. Rotating while
+        // a SyncTarget finishes would hand it a generation we then leave.
+        let peer_follows = connected && !no_disk(self.peer_disk) && usable;
+        if !peer_follows {
             // Invariant 5: a new data generation begins before its first write.
             self.new_current_uuid(out);
         }
@@ -2218,7 +2223,7 @@ impl Core {
         }
         let source_done = matches!(&self.sync, Some(s) if s.side == SyncSide::Source && s.running);
         if !first && source_done && report.disk == DiskState::UpToDate {
-            self.finish_sync_source(out);
+            self.finish_sync_source(report.gens.current, out);
         }
         self.start_waiting(out);
     }

@@ -1002,7 +1002,8 @@ impl Core {
     }
 
     /// Source: the target reports UpToDate, so the resync is over.
-    pub(crate) fn finish_sync_source(&mut self, out: &mut Vec<Action>) {
+    /// `peer_current` is the generation the target reports it took.
+    pub(crate) fn finish_sync_source(&mut self, peer_current: u64, out: &mut Vec<Action>) {
         self.sync = None;
         self.cstate = ConnState::Connected;
         if self.local_oos == 0 {
@@ -1014,8 +1015,11 @@ impl Core {
                 out.push(Action::PersistGenerations(g));
             }
         }
-        // The target took our current generation at its end.
-        self.persist_flags(flags::CURRENT_SHARED, 0, out);
+        // The target took our current generation at its end, unless we
+        // started another one since the report it took it from.
+        if peer_current == self.gens.current {
+            self.persist_flags(flags::CURRENT_SHARED, 0, out);
+        }
         self.persist_flags(0, flags::CRASHED_PRIMARY, out);
         out.push(Action::Log("resync finished: the peer is UpToDate".into()));
         out.push(Action::ResyncFinished);

@@ -71,7 +71,7 @@
 //!    before the flush stable locally and, under C with the link up
 //!    throughout, on the peer; the same for FUA writes.
 //! 5. `generations_before_data`: after a promotion without a connected
-//!    UpToDate peer, or a Primary's link loss, no client write reaches the
+//!    peer that has a disk, or a Primary's link loss, no client write reaches the
 //!    disk before a `PersistGenerations` changed the current UUID.
 //! 6. `one_primary`: never both Primary while both Connected.
 //! 7. `acknowledged_data_survives`: after a daemon crash every acknowledged

@@ -1080,12 +1080,12 @@ impl Sim {
                 if r.is_ok() {
                     self.stats.promotions += 1;
                     // Asked while connected; the check that a new
-                    // generation precedes data applies only if the peer
-                    // was not UpToDate when it answered.
+                    // generation precedes data applies only if the link
+                    // dropped meanwhile or the peer has no disk.
                     let peer_ok = self.nodes[n]
                         .core
                         .as_ref()
-                        .is_some_and(|c| c.peer_disk() == DiskState::UpToDate);
+                        .is_some_and(|c| c.cstate().is_connected() && !no_disk(c.peer_disk()));
                     if !peer_ok {
                         self.nodes[n].gen_needed = true;
                     }
@@ -1671,7 +1671,7 @@ impl Sim {
             .core
             .as_mut()
             .expect("checked above that the daemon runs");
-        let needed = !(core.cstate().is_connected() && core.peer_disk() == DiskState::UpToDate);
+        let needed = !(core.cstate().is_connected() && !no_disk(core.peer_disk()));
         let mut acts = Vec::new();
         let r = core.promote(false, &mut acts);
         self.note(|| format!("n{n} primary: {r:?}"));
@@ -2163,4 +2163,9 @@ impl Sim {
         }
         Err(self.fail(Check::Liveness, "the pair never quiesced"))
     }
+}
+
+/// Detached, or failed and being detached.
+fn no_disk(d: DiskState) -> bool {
+    matches!(d, DiskState::Diskless | DiskState::Failed)
 }
