@@ -1671,7 +1671,7 @@ impl Sim {
             .core
             .as_mut()
             .expect("checked above that the daemon runs");
-        let needed = !(core.cstate().is_connected() && !no_disk(core.peer_disk()));
+        let needed = !core.cstate().is_connected() || no_disk(core.peer_disk());
         let mut acts = Vec::new();
         let r = core.promote(false, &mut acts);
         self.note(|| format!("n{n} primary: {r:?}"));
