@@ -615,13 +615,23 @@ fn config_lines(rng: &mut Rng) -> (&'static str, &'static str) {
     )
 }
 
-fn soak(protocol: &'static str, default_secs: u64) {
+/// What every soak starts from: the seed (printed, for a replay), how long
+/// it runs, its generator, and a connected pair configured from the seed.
+struct Start {
+    seed: u64,
+    duration: Duration,
+    rng: Rng,
+    pair: Pair,
+    /// The seeded `[net]` and `[disk]` lines, for the journal.
+    config: String,
+}
+
+fn start(kind: &str, protocol: &'static str, default_secs: u64) -> Start {
     require_tool("fio");
-    require_tool("nbdsh");
     let seed = soak_seed();
     let duration = soak_duration(default_secs);
     eprintln!(
-        "soak: protocol {protocol}, seed {seed:#x} (TANDEM_SOAK_SEED={seed:#x}), {}s of chaos",
+        "soak: {kind}, protocol {protocol}, seed {seed:#x} (TANDEM_SOAK_SEED={seed:#x}), {}s",
         duration.as_secs()
     );
     let mut rng = Rng(seed);
@@ -633,6 +643,30 @@ fn soak(protocol: &'static str, default_secs: u64) {
         extra_disk,
         ..PairOptions::default()
     });
+    let config = format!(
+        "{kind}, protocol {protocol}, data size {} bytes; [net] {}; [disk] {}",
+        pair.data_size(),
+        extra_net.replace('\n', ", "),
+        extra_disk.replace('\n', ", ")
+    );
+    Start {
+        seed,
+        duration,
+        rng,
+        pair,
+        config,
+    }
+}
+
+fn soak(protocol: &'static str, default_secs: u64) {
+    require_tool("nbdsh");
+    let Start {
+        seed,
+        duration,
+        mut rng,
+        pair,
+        config,
+    } = start("chaos", protocol, default_secs);
     let journal = Journal::new();
     let stop = Arc::new(AtomicBool::new(false));
     let _report = FailureReport {
@@ -642,12 +676,7 @@ fn soak(protocol: &'static str, default_secs: u64) {
         journal: journal.clone(),
         stop: stop.clone(),
     };
-    journal.note(format!(
-        "protocol {protocol}, data size {} bytes; [net] {}; [disk] {}",
-        pair.data_size(),
-        extra_net.replace('\n', ", "),
-        extra_disk.replace('\n', ", ")
-    ));
+    journal.note(config);
 
     let workload = start_workload(&pair, rng.fork(), journal.clone(), stop.clone());
 
@@ -828,22 +857,13 @@ fn bring_in_sync(pair: &Pair, node: Node) -> bool {
 /// ever reported (nobody writes on both sides), every reconnect resyncs
 /// towards the node that missed writes, and the replicas end identical.
 fn roles_soak(protocol: &'static str, default_secs: u64) {
-    require_tool("fio");
-    let seed = soak_seed();
-    let duration = soak_duration(default_secs);
-    eprintln!(
-        "soak: roles, protocol {protocol}, seed {seed:#x} (TANDEM_SOAK_SEED={seed:#x}), {}s",
-        duration.as_secs()
-    );
-    let mut rng = Rng(seed);
-    let (extra_net, extra_disk) = config_lines(&mut rng);
-    let pair = Pair::connected(PairOptions {
-        protocol,
-        disk_size: DISK_SIZE,
-        extra_net,
-        extra_disk,
-        ..PairOptions::default()
-    });
+    let Start {
+        seed,
+        duration,
+        mut rng,
+        pair,
+        config,
+    } = start("roles", protocol, default_secs);
     let journal = Journal::new();
     let _report = FailureReport {
         pair: &pair,
@@ -852,11 +872,7 @@ fn roles_soak(protocol: &'static str, default_secs: u64) {
         journal: journal.clone(),
         stop: Arc::new(AtomicBool::new(false)),
     };
-    journal.note(format!(
-        "roles, protocol {protocol}; [net] {}; [disk] {}",
-        extra_net.replace('\n', ", "),
-        extra_disk.replace('\n', ", ")
-    ));
+    journal.note(config);
     let other = |n: Node| if n == Alpha { Beta } else { Alpha };
     let mut primary = Alpha;
     let mut moves = 0u64;
