@@ -777,23 +777,8 @@ fn soak(protocol: &'static str, default_secs: u64) {
         ));
     }
     problems.extend(log_problems(&pair, &journal, true));
-    if let Some(off) = first_difference(&pair.disk(Alpha), &pair.disk(Beta), 0, pair.data_size()) {
-        problems.push(format!(
-            "the replicas differ: first difference at byte {off} ({} MiB + {}): alpha {:02x?}, beta {:02x?}; {} bytes differ in the 1 MiB there",
-            off / MIB,
-            off % MIB,
-            bytes_at(&pair.disk(Alpha), off, 16),
-            bytes_at(&pair.disk(Beta), off, 16),
-            differing_bytes(&pair, off / MIB * MIB, MIB)
-        ));
-    }
-    assert!(
-        problems.is_empty(),
-        "{} problem(s) after the chaos soak:\n\n{}",
-        problems.len(),
-        problems.join("\n\n")
-    );
-    journal.note("replicas identical");
+    problems.extend(replica_difference(&pair));
+    assert_no_problems("chaos soak", &problems, &journal);
 }
 
 // ---------------------------------------------------------------------------
@@ -960,17 +945,28 @@ fn roles_soak(protocol: &'static str, default_secs: u64) {
     pair.down(primary);
     pair.down(other(primary));
     problems.extend(log_problems(&pair, &journal, false));
-    if let Some(off) = first_difference(&pair.disk(Alpha), &pair.disk(Beta), 0, pair.data_size()) {
-        problems.push(format!(
-            "the replicas differ: first difference at byte {off} ({} MiB + {}); {} bytes differ in the 1 MiB there",
-            off / MIB,
-            off % MIB,
-            differing_bytes(&pair, off / MIB * MIB, MIB)
-        ));
-    }
+    problems.extend(replica_difference(&pair));
+    assert_no_problems("role-change soak", &problems, &journal);
+}
+
+/// Where the stopped replicas' data areas first differ, if they do.
+fn replica_difference(pair: &Pair) -> Option<String> {
+    let off = first_difference(&pair.disk(Alpha), &pair.disk(Beta), 0, pair.data_size())?;
+    Some(format!(
+        "the replicas differ: first difference at byte {off} ({} MiB + {}): alpha {:02x?}, beta {:02x?}; {} bytes differ in the 1 MiB there",
+        off / MIB,
+        off % MIB,
+        bytes_at(&pair.disk(Alpha), off, 16),
+        bytes_at(&pair.disk(Beta), off, 16),
+        differing_bytes(pair, off / MIB * MIB, MIB)
+    ))
+}
+
+/// Fail with every problem found, or note that the replicas are identical.
+fn assert_no_problems(what: &str, problems: &[String], journal: &Journal) {
     assert!(
         problems.is_empty(),
-        "{} problem(s) after the role-change soak:\n\n{}",
+        "{} problem(s) after the {what}:\n\n{}",
         problems.len(),
         problems.join("\n\n")
     );
