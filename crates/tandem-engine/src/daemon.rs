@@ -444,6 +444,7 @@ async fn run_async(opts: DaemonOptions, ready: impl FnOnce()) -> Result<(), Stri
         ping_int: cfg.net.ping_int,
         ping_timeout: cfg.net.ping_timeout,
         stagger: true,
+        writer_thread: protocol == Protocol::A,
     };
     let want_link = Arc::new(AtomicBool::new(true));
     let linker = tokio::spawn(link::run(
