@@ -483,8 +483,9 @@ async fn establish<T: From<LinkEvent> + Send + 'static>(
 /// Protocols B and C wait for the peer anyway, and for them the hop to
 /// another thread is one more wake-up on the write's path. Measured on two
 /// vCPUs (4 KiB QD1 p50, `benches/replication-bench.sh`, binaries
-/// alternated): A/serve 1.17-1.49 on the runtime, 0.99-1.46 (mostly about
-/// 1.0) on a thread; C's p50 136-146 us on the runtime, 187-189 on a thread.
+/// alternated; docs/benchmarks.md): A/serve 1.17-1.49, median 1.26, over
+/// 10 runs on the runtime, 0.90-1.46, median 1.14, over 13 on a thread;
+/// C's p50 136-146 us on the runtime, 187-189 on a thread.
 /// Dropping the returned sender stops the writer; a writer that stops on
 /// its own shuts the socket down, so that the peer sees the end and, after
 /// a failed send, the reader stops at once instead of at the ping timeout.
