@@ -889,24 +889,29 @@ mod tests {
             .port()
     }
 
+    /// Start the links of alpha (its writer on a thread if `alpha_thread`)
+    /// and beta towards each other; their events, alpha's first. Sending
+    /// `true` stops both.
+    fn start_pair(alpha_thread: bool) -> (watch::Sender<bool>, Vec<mpsc::Receiver<LinkEvent>>) {
+        let (pa, pb) = (free_port(), free_port());
+        let (stop_tx, stop_rx) = watch::channel(false);
+        let mut rxs = Vec::new();
+        for (me, peer, mine, theirs) in [("alpha", "beta", pa, pb), ("beta", "alpha", pb, pa)] {
+            let (tx, rx) = mpsc::channel::<LinkEvent>(64);
+            rxs.push(rx);
+            let mut s = settings(me, peer, mine, theirs);
+            s.writer_thread = alpha_thread && me == "alpha";
+            tokio::spawn(run(s, tx, Arc::new(AtomicBool::new(true)), stop_rx.clone()));
+        }
+        (stop_tx, rxs)
+    }
+
     /// Both nodes connect at the same moment, again and again: each ends up
     /// with exactly one link and keeps it (a mismatch would close both).
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn crossing_connections_settle_on_one_link() {
         for round in 0..4 {
-            let (pa, pb) = (free_port(), free_port());
-            let (stop_tx, stop_rx) = watch::channel(false);
-            let mut rxs = Vec::new();
-            for (me, peer, mine, theirs) in [("alpha", "beta", pa, pb), ("beta", "alpha", pb, pa)] {
-                let (tx, rx) = mpsc::channel::<LinkEvent>(64);
-                rxs.push(rx);
-                tokio::spawn(run(
-                    settings(me, peer, mine, theirs),
-                    tx,
-                    Arc::new(AtomicBool::new(true)),
-                    stop_rx.clone(),
-                ));
-            }
+            let (stop_tx, mut rxs) = start_pair(false);
             let mut ups = [0, 0];
             let mut downs = [0, 0];
             let mut keep = Vec::new();
@@ -944,16 +949,7 @@ mod tests {
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn frames_arrive_in_order_and_disconnect_ends_both_links() {
         for own_thread in [false, true] {
-            let (pa, pb) = (free_port(), free_port());
-            let (stop_tx, stop_rx) = watch::channel(false);
-            let mut rxs = Vec::new();
-            for (me, peer, mine, theirs) in [("alpha", "beta", pa, pb), ("beta", "alpha", pb, pa)] {
-                let (tx, rx) = mpsc::channel::<LinkEvent>(64);
-                rxs.push(rx);
-                let mut s = settings(me, peer, mine, theirs);
-                s.writer_thread = own_thread && me == "alpha";
-                tokio::spawn(run(s, tx, Arc::new(AtomicBool::new(true)), stop_rx.clone()));
-            }
+            let (stop_tx, mut rxs) = start_pair(own_thread);
             let within = |secs| tokio::time::Instant::now() + Duration::from_secs(secs);
             let deadline = within(5);
             let mut alpha_tx = None;
