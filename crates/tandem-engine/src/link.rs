@@ -976,14 +976,17 @@ mod tests {
                             })
                         })
                         .collect();
-                    alpha_tx.send(batch).await.unwrap();
+                    alpha_tx
+                        .send(batch)
+                        .await
+                        .expect("alpha's writer queue closed while its link was up");
                 }
                 alpha_tx
                     .send(vec![Out::Frame(Message::Disconnect {
                         reason: "test over".into(),
                     })])
                     .await
-                    .unwrap();
+                    .expect("alpha's writer queue closed before the Disconnect");
                 alpha_tx
             });
             let mut next = 0;
@@ -1018,7 +1021,7 @@ mod tests {
             }
             assert_eq!(next, N, "thread {own_thread}: frames lost");
             assert!(disconnected, "thread {own_thread}: the Disconnect was lost");
-            let _keep_queue_open = sender.await.unwrap();
+            let _keep_queue_open = sender.await.expect("the sending task failed");
             let _ = stop_tx.send(true);
         }
     }

@@ -1207,6 +1207,7 @@ mod tests {
     async fn reply(c: &mut tokio::net::TcpStream) -> (u64, u32) {
         let mut r = [0u8; 16];
         c.read_exact(&mut r).await.unwrap();
+        // Fixed-length slices of a 16-byte array: the conversions cannot fail.
         (
             u64::from_be_bytes(r[8..16].try_into().unwrap()),
             u32::from_be_bytes(r[4..8].try_into().unwrap()),
