@@ -343,6 +343,24 @@ pub async fn splice_out<S: SpliceSocket>(sock: &S, piped: Piped) -> io::Result<(
     Ok(())
 }
 
+/// Send `bytes` (a bulk frame's header, say) to `sock` with `MSG_MORE`:
+/// the socket holds them back for what [`splice_out`] sends next, so they
+/// leave in the payload's first segment instead of a tiny one of their own.
+pub async fn send_more<S: SpliceSocket>(sock: &S, bytes: &[u8]) -> io::Result<()> {
+    let flags = rustix::net::SendFlags::MORE | rustix::net::SendFlags::NOSIGNAL;
+    let mut at = 0;
+    while at < bytes.len() {
+        sock.ready_out().await?;
+        match sock.attempt_out(|| Ok(rustix::net::send(sock, &bytes[at..], flags)?)) {
+            Ok(n) => at += n,
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(())
+}
+
 /// `f`, or a `TimedOut` error when it takes longer than `stall`: how long
 /// a sender may send nothing in the middle of a payload.
 pub async fn stalled<F: Future>(stall: Duration, f: F) -> io::Result<F::Output> {

@@ -567,7 +567,15 @@ async fn write_frames(
                     Out::Piped { msg, head, piped } => {
                         tandem_wire::encode_bulk_head(&msg, head.len() + piped.len(), &mut buf);
                         buf.extend_from_slice(&head);
-                        if let Err(e) = w.write_all(&buf).await {
+                        // Held back for the payload's first segment; a
+                        // payload with nothing in its pipes (never made)
+                        // must not leave the header corked.
+                        let sent = if !piped.is_empty() {
+                            pipes::send_more(&*w, &buf).await
+                        } else {
+                            w.write_all(&buf).await
+                        };
+                        if let Err(e) = sent {
                             return Err(format!("send failed: {e}"));
                         }
                         buf.clear();

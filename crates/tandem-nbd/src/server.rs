@@ -11,8 +11,8 @@
 
 use crate::codec::{encode_reply, Decoder, Frame, Op, Outcome, Session, REQUEST_HEADER_LEN};
 use crate::handshake::{Export, Handshake, Progress};
-use crate::proto::Errno;
-use bytes::{Bytes, BytesMut};
+use crate::proto::{cmd, Errno};
+use bytes::{BufMut, Bytes, BytesMut};
 use futures_util::stream::{FuturesUnordered, StreamExt};
 use rustix::net::RecvFlags;
 use std::collections::VecDeque;
@@ -466,6 +466,11 @@ where
     }
     let mut inflight: FuturesUnordered<OpFuture<'_>> = FuturesUnordered::new();
     let mut inflight_bytes = 0usize;
+    // After a spliced write the next request is likely another: reading
+    // only its header leaves its whole payload in the socket to splice,
+    // where a full read would copy up to READ_CHUNK of it through memory
+    // (and from there into the page cache and the peer's socket).
+    let mut header_only = false;
     let mut out = OutQueue::new();
     let mut eof = false;
     let mut disconnecting = false;
@@ -487,6 +492,12 @@ where
         {
             let Some(frame) = decoder.decode(&mut rbuf)? else {
                 break;
+            };
+            // A flush between large writes keeps the next one spliced whole.
+            header_only = match &frame {
+                Frame::Bulk { .. } => true,
+                Frame::Request { header, .. } => header_only && header.typ == cmd::FLUSH,
+                Frame::Oversized(_) => false,
             };
             let (header, payload) = match frame {
                 Frame::Request { header, payload } => (header, payload),
@@ -616,9 +627,14 @@ where
             }
         }
 
+        let read_limit = if header_only && rbuf.len() < REQUEST_HEADER_LEN {
+            REQUEST_HEADER_LEN - rbuf.len()
+        } else {
+            usize::MAX
+        };
         let idle = want_read && inflight.is_empty() && out.is_empty() && !shutting_down;
         if idle {
-            match poll.spin(&r, &mut rbuf) {
+            match poll.spin(&r, &mut rbuf, read_limit) {
                 Some(Ok(0)) => {
                     eof = true;
                     continue;
@@ -629,6 +645,7 @@ where
             }
         }
 
+        let mut into = (&mut rbuf).limit(read_limit);
         tokio::select! {
             biased;
             Some((cookie, cost, outcome)) = inflight.next(), if !inflight.is_empty() => {
@@ -641,7 +658,7 @@ where
                     poll.replied_at = std::time::Instant::now();
                 }
             }
-            res = r.read_buf(&mut rbuf), if want_read => {
+            res = r.read_buf(&mut into), if want_read => {
                 if let Some(t) = idle_since.take() {
                     poll.blocked_for(t.elapsed());
                 }
@@ -673,9 +690,9 @@ pub trait TryRecv {
     /// The socket large write payloads are spliced from.
     type Sock: pipes::SpliceSocket;
 
-    /// Receive into `buf`'s spare capacity; `WouldBlock` when nothing is
-    /// queued, `Ok(0)` at end of stream.
-    fn try_recv(&self, buf: &mut BytesMut) -> io::Result<usize>;
+    /// Receive at most `limit` bytes into `buf`'s spare capacity;
+    /// `WouldBlock` when nothing is queued, `Ok(0)` at end of stream.
+    fn try_recv(&self, buf: &mut BytesMut, limit: usize) -> io::Result<usize>;
 
     /// The socket to splice large write payloads from, if there is one.
     fn splice_socket(&self) -> Option<&Self::Sock>;
@@ -692,8 +709,8 @@ pub struct Polled<T>(pub T);
 impl TryRecv for Polled<tokio::net::tcp::OwnedReadHalf> {
     type Sock = tokio::net::TcpStream;
 
-    fn try_recv(&self, buf: &mut BytesMut) -> io::Result<usize> {
-        recv_now(self.0.as_ref(), buf)
+    fn try_recv(&self, buf: &mut BytesMut, limit: usize) -> io::Result<usize> {
+        recv_now(self.0.as_ref(), buf, limit)
     }
 
     fn splice_socket(&self) -> Option<&Self::Sock> {
@@ -704,8 +721,8 @@ impl TryRecv for Polled<tokio::net::tcp::OwnedReadHalf> {
 impl TryRecv for Polled<tokio::net::unix::OwnedReadHalf> {
     type Sock = tokio::net::UnixStream;
 
-    fn try_recv(&self, buf: &mut BytesMut) -> io::Result<usize> {
-        recv_now(self.0.as_ref(), buf)
+    fn try_recv(&self, buf: &mut BytesMut, limit: usize) -> io::Result<usize> {
+        recv_now(self.0.as_ref(), buf, limit)
     }
 
     fn splice_socket(&self) -> Option<&Self::Sock> {
@@ -713,9 +730,11 @@ impl TryRecv for Polled<tokio::net::unix::OwnedReadHalf> {
     }
 }
 
-fn recv_now(fd: impl AsFd, buf: &mut BytesMut) -> io::Result<usize> {
+fn recv_now(fd: impl AsFd, buf: &mut BytesMut, limit: usize) -> io::Result<usize> {
     let len = buf.len();
-    let ((got, _), _) = rustix::net::recv(fd, buf.spare_capacity_mut(), RecvFlags::DONTWAIT)?;
+    let spare = buf.spare_capacity_mut();
+    let room = spare.len().min(limit);
+    let ((got, _), _) = rustix::net::recv(fd, &mut spare[..room], RecvFlags::DONTWAIT)?;
     let n = got.len();
     // SAFETY: recv initialised the first `n` bytes of the spare capacity.
     unsafe { buf.set_len(len + n) };
@@ -803,7 +822,12 @@ impl IdlePoll {
     }
 
     /// Spin for the current window; `None` if nothing arrived.
-    fn spin<R: TryRecv>(&mut self, r: &R, buf: &mut BytesMut) -> Option<io::Result<usize>> {
+    fn spin<R: TryRecv>(
+        &mut self,
+        r: &R,
+        buf: &mut BytesMut,
+        limit: usize,
+    ) -> Option<io::Result<usize>> {
         self.lone = self.requests <= 1;
         self.requests = 0;
         if self.cooldown > 0 {
@@ -819,7 +843,7 @@ impl IdlePoll {
         }
         let start = std::time::Instant::now();
         loop {
-            match r.try_recv(buf) {
+            match r.try_recv(buf, limit) {
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
                 other => {
@@ -983,7 +1007,7 @@ mod tests {
             None
         }
 
-        fn try_recv(&self, buf: &mut BytesMut) -> io::Result<usize> {
+        fn try_recv(&self, buf: &mut BytesMut, _limit: usize) -> io::Result<usize> {
             match self.ready.get() {
                 0 => {
                     buf.extend_from_slice(&[0; REQUEST_HEADER_LEN]);
@@ -1006,7 +1030,7 @@ mod tests {
     /// One request, then the connection idles: what a QD1 client does.
     fn idle_after_one(p: &mut IdlePoll, r: &Arrives, buf: &mut BytesMut) -> bool {
         p.requests += 1;
-        p.spin(r, buf).is_some()
+        p.spin(r, buf, usize::MAX).is_some()
     }
 
     #[test]
@@ -1072,7 +1096,7 @@ mod tests {
             ready: Cell::new(0),
         };
         assert!(
-            p.spin(&r, &mut buf).is_none(),
+            p.spin(&r, &mut buf, usize::MAX).is_none(),
             "five requests before going idle"
         );
         p.blocked_for(Duration::from_micros(1));
@@ -1120,8 +1144,20 @@ mod tests {
     }
 
     /// A file that takes large payloads in pipes, as the replicated
-    /// device does.
-    struct PipeTaker(tandem_blockdev::FileDevice);
+    /// device does, noting how many bytes of each came in memory.
+    struct PipeTaker(tandem_blockdev::FileDevice, std::sync::Mutex<Vec<usize>>);
+
+    impl PipeTaker {
+        fn open(path: &std::path::Path) -> Self {
+            let opts = tandem_blockdev::FileOptions::default();
+            let file = tandem_blockdev::FileDevice::open(path, &opts).expect("open the test file");
+            PipeTaker(file, Default::default())
+        }
+
+        fn heads(&self) -> Vec<usize> {
+            self.1.lock().map(|h| h.clone()).unwrap_or_default()
+        }
+    }
 
     impl BlockDevice for PipeTaker {
         fn size(&self) -> u64 {
@@ -1171,6 +1207,9 @@ mod tests {
             piped: pipes::Piped,
             fua: bool,
         ) -> io::Result<()> {
+            if let Ok(mut h) = self.1.lock() {
+                h.push(head.len());
+            }
             self.0.write_piped(offset, head, piped, fua).await
         }
     }
@@ -1220,10 +1259,9 @@ mod tests {
     /// way; small requests around them stay in step.
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn large_writes_arrive_whole_through_pipes_or_memory() {
-        use tandem_blockdev::{FileDevice, FileOptions};
         let file = tempfile::NamedTempFile::new().unwrap();
         file.as_file().set_len(8 << 20).unwrap();
-        let device = PipeTaker(FileDevice::open(file.path(), &FileOptions::default()).unwrap());
+        let device = PipeTaker::open(file.path());
         let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
         let (_stop, stop_rx) = watch::channel(false);
@@ -1279,6 +1317,62 @@ mod tests {
         assert!(got == expected, "the export reads back differently");
         c.write_all(&request(2, 8, 0, 0)).await.unwrap();
         server.await.unwrap().unwrap();
+        assert!(
+            std::fs::read(file.path()).unwrap() == expected,
+            "the file differs"
+        );
+    }
+
+    /// Large writes queued back to back (a flush among them): after the
+    /// first, the server reads only each request's header and leaves the
+    /// whole payload in the socket to splice, none of it copied through
+    /// memory.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn back_to_back_large_writes_leave_their_payloads_in_the_socket() {
+        let file = tempfile::NamedTempFile::new().unwrap();
+        file.as_file().set_len(2 << 20).unwrap();
+        let device = std::sync::Arc::new(PipeTaker::open(file.path()));
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let (_stop, stop_rx) = watch::channel(false);
+        let dev = std::sync::Arc::clone(&device);
+        let server = tokio::spawn(async move {
+            let (sock, _) = listener.accept().await.unwrap();
+            let (r, w) = sock.into_split();
+            connection(&*dev, &ServerConfig::default(), Polled(r), w, stop_rx).await
+        });
+        let mut c = nbd_client(addr).await;
+        let len = 512 * 1024;
+        let mut expected = Vec::with_capacity(4 * len);
+        let mut msg = Vec::new();
+        for i in 0..4u64 {
+            let data: Vec<u8> = (0..len).map(|j| (j % 251) as u8 ^ (i as u8 * 37)).collect();
+            msg.extend_from_slice(&request(1, i, i * len as u64, len as u32));
+            msg.extend_from_slice(&data);
+            expected.extend_from_slice(&data);
+            if i == 1 {
+                // A flush among them changes nothing.
+                msg.extend_from_slice(&request(3, 4, 0, 0));
+            }
+        }
+        c.write_all(&msg).await.unwrap();
+        let mut cookies: Vec<u64> = Vec::new();
+        for _ in 0..5 {
+            let (cookie, err) = reply(&mut c).await;
+            assert_eq!(err, 0, "write {cookie} failed");
+            cookies.push(cookie);
+        }
+        cookies.sort();
+        assert_eq!(cookies, [0, 1, 2, 3, 4]);
+        c.write_all(&request(2, 9, 0, 0)).await.unwrap();
+        server.await.unwrap().unwrap();
+        let heads = device.heads();
+        assert_eq!(heads.len(), 4, "every write took the pipe path: {heads:?}");
+        assert_eq!(
+            heads[1..],
+            [0, 0, 0],
+            "payload bytes read into memory behind the first write: {heads:?}"
+        );
         assert!(
             std::fs::read(file.path()).unwrap() == expected,
             "the file differs"

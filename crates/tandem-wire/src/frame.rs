@@ -497,6 +497,32 @@ pub(crate) fn frame_len(buf: &[u8]) -> Result<Option<usize>, WireError> {
     Ok(parse_header(buf)?.map(|h| HEADER_LEN + h.body))
 }
 
+/// How far to read the frame at the front of `buf` when a payload of at
+/// least `min` bytes is to be left in the stream for the caller to splice:
+/// the end of the fixed fields of a `Data` (without checksum) or `RsData`
+/// frame with such a payload; while no header is in, the end of the
+/// shorter of those two heads if `expect_bulk`; `None` (no limit) for any
+/// other frame.
+pub(crate) fn bulk_head_end(
+    buf: &[u8],
+    min: usize,
+    expect_bulk: bool,
+) -> Result<Option<usize>, WireError> {
+    let Some(h) = parse_header(buf)? else {
+        return Ok(expect_bulk.then_some(HEADER_LEN + DATA_FIXED.min(RS_DATA_FIXED)));
+    };
+    let fixed = match h.kind {
+        kind::DATA if buf.get(HAS_CRC).map_or(true, |&c| c == 0) => DATA_FIXED,
+        kind::RS_DATA => RS_DATA_FIXED,
+        _ => return Ok(None),
+    };
+    Ok((h.body >= fixed && h.body - fixed >= min).then_some(HEADER_LEN + fixed))
+}
+
+/// Offset of a `Data` frame's checksum flag: after the header, `seq`,
+/// `epoch` and `offset`.
+const HAS_CRC: usize = HEADER_LEN + 8 + 8 + 8 + 1;
+
 /// The header and fixed fields of a `Data` or `RsData` frame whose payload
 /// of `len` bytes the caller writes itself after them (from a file, say);
 /// `msg`'s own payload must be empty.
@@ -583,7 +609,6 @@ pub(crate) fn decode_bulk_head(
         return Ok(None);
     }
     // A checksummed payload must pass through user space to be verified.
-    const HAS_CRC: usize = HEADER_LEN + 8 + 8 + 8 + 1;
     if h.kind == kind::DATA && buf[HAS_CRC] != 0 {
         return Ok(None);
     }

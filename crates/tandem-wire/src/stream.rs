@@ -1,6 +1,8 @@
 //! Framing over tokio streams: a bounded frame reader and a frame writer.
 
-use crate::frame::{decode, decode_bulk_head, encode, encode_head, frame_len, HEADER_LEN};
+use crate::frame::{
+    bulk_head_end, decode, decode_bulk_head, encode, encode_head, frame_len, HEADER_LEN,
+};
 use crate::{Message, WireError, MAX_DATA};
 use bytes::{BufMut, BytesMut};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
@@ -40,6 +42,11 @@ pub enum Frame {
 pub struct FrameReader<R> {
     inner: R,
     buf: BytesMut,
+    /// The last frame was bulk, so the next one likely is too: a read
+    /// with no header in the buffer stops where its fixed fields would,
+    /// leaving its payload in the stream for the caller to splice instead
+    /// of copying up to [`READ_CHUNK`] of it through memory.
+    expect_bulk: bool,
 }
 
 impl<R: AsyncRead + Unpin> FrameReader<R> {
@@ -48,6 +55,7 @@ impl<R: AsyncRead + Unpin> FrameReader<R> {
         Self {
             inner: r,
             buf: BytesMut::new(),
+            expect_bulk: false,
         }
     }
 
@@ -62,7 +70,7 @@ impl<R: AsyncRead + Unpin> FrameReader<R> {
             if let Some(msg) = decode(&mut self.buf)? {
                 return Ok(Some(msg));
             }
-            if !self.fill().await? {
+            if !self.fill(usize::MAX).await? {
                 return Ok(None);
             }
         }
@@ -73,9 +81,16 @@ impl<R: AsyncRead + Unpin> FrameReader<R> {
     /// clean end of stream between frames. Reads at most up to the end of
     /// that frame, or a chunk when that is more: this is what keeps the
     /// buffer bounded. Cancel-safe: one read.
-    async fn fill(&mut self) -> Result<bool, WireError> {
+    /// A frame whose payload of at least `bulk_min` bytes is to be
+    /// spliced is read only up to the end of its fixed fields.
+    async fn fill(&mut self, bulk_min: usize) -> Result<bool, WireError> {
         let frame_end = frame_len(&self.buf)?.unwrap_or(HEADER_LEN);
-        let want = frame_end.max(READ_CHUNK).saturating_sub(self.buf.len());
+        let mut want = frame_end.max(READ_CHUNK).saturating_sub(self.buf.len());
+        if let Some(end) = bulk_head_end(&self.buf, bulk_min, self.expect_bulk)? {
+            if end > self.buf.len() {
+                want = want.min(end - self.buf.len());
+            }
+        }
         self.buf.reserve(want);
         let n = self
             .inner
@@ -102,12 +117,14 @@ impl<R: AsyncRead + Unpin> FrameReader<R> {
     pub async fn next_frame(&mut self, bulk_min: usize) -> Result<Option<Frame>, WireError> {
         loop {
             if let Some(msg) = decode(&mut self.buf)? {
+                self.expect_bulk = false;
                 return Ok(Some(Frame::Whole(msg)));
             }
             if let Some((head, rest)) = decode_bulk_head(&mut self.buf, bulk_min)? {
+                self.expect_bulk = true;
                 return Ok(Some(Frame::Bulk { head, rest }));
             }
-            if !self.fill().await? {
+            if !self.fill(bulk_min).await? {
                 return Ok(None);
             }
         }
@@ -244,6 +261,70 @@ mod tests {
         assert_eq!(bulk, [true, false, true, false, false]);
         let got: Vec<Message> = got.into_iter().map(|g| g.0).collect();
         assert_eq!(got, msgs);
+    }
+
+    /// Behind a bulk frame the reader reads only the next frame's fixed
+    /// fields: a bulk frame's payload stays in the stream for the caller
+    /// to splice (none of it copied into the buffer), for `Data` and
+    /// `RsData` alike, and small frames among them still come whole.
+    #[tokio::test]
+    async fn behind_a_bulk_frame_the_next_payload_stays_in_the_stream() {
+        // Room for everything at once, so only the reader limits its reads.
+        let (mut a, b) = tokio::io::duplex(4 << 20);
+        let big: Bytes = (0..300_000u32).map(|i| (i % 253) as u8).collect();
+        let data = |seq| Message::Data {
+            seq,
+            epoch: 1,
+            offset: seq * 4096,
+            fua: false,
+            crc: None,
+            data: big.clone(),
+        };
+        // A ping between them (read with the next frame's first bytes)
+        // does not make the reader take the next payload into memory.
+        let msgs = vec![
+            data(1),
+            data(2),
+            Message::Ping,
+            Message::RsData {
+                id: 3,
+                offset: 0,
+                data: big.clone(),
+            },
+            Message::Ping,
+            data(4),
+            Message::Ping,
+        ];
+        for m in &msgs {
+            write_message(&mut a, m).await.unwrap();
+        }
+        drop(a);
+        let mut r = FrameReader::new(b);
+        let mut heads = Vec::new();
+        let mut got = Vec::new();
+        while let Some(f) = r.next_frame(64 * 1024).await.unwrap() {
+            match f {
+                Frame::Whole(m) => got.push(m),
+                Frame::Bulk { mut head, rest } => {
+                    let mut tail = vec![0; rest];
+                    r.get_mut().read_exact(&mut tail).await.unwrap();
+                    if let Message::Data { data, .. } | Message::RsData { data, .. } = &mut head {
+                        heads.push(data.len());
+                        let mut all = data.to_vec();
+                        all.extend_from_slice(&tail);
+                        *data = Bytes::from(all);
+                    }
+                    got.push(head);
+                }
+            }
+        }
+        assert_eq!(got, msgs);
+        assert_eq!(heads.len(), 4, "every large frame came as bulk: {heads:?}");
+        assert_eq!(
+            heads[1..],
+            [0, 0, 0],
+            "payload bytes read behind the first: {heads:?}"
+        );
     }
 
     #[tokio::test]
