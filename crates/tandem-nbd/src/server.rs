@@ -1329,15 +1329,17 @@ mod tests {
     /// memory.
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn back_to_back_large_writes_leave_their_payloads_in_the_socket() {
-        let file = tempfile::NamedTempFile::new().unwrap();
-        file.as_file().set_len(2 << 20).unwrap();
+        let file = tempfile::NamedTempFile::new().expect("a temporary file");
+        file.as_file().set_len(2 << 20).expect("size the file");
         let device = std::sync::Arc::new(PipeTaker::open(file.path()));
-        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let addr = listener.local_addr().unwrap();
+        let listener = TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("listen on loopback");
+        let addr = listener.local_addr().expect("the listener's address");
         let (_stop, stop_rx) = watch::channel(false);
         let dev = std::sync::Arc::clone(&device);
         let server = tokio::spawn(async move {
-            let (sock, _) = listener.accept().await.unwrap();
+            let (sock, _) = listener.accept().await.expect("the client connects");
             let (r, w) = sock.into_split();
             connection(&*dev, &ServerConfig::default(), Polled(r), w, stop_rx).await
         });
@@ -1355,7 +1357,7 @@ mod tests {
                 msg.extend_from_slice(&request(3, 4, 0, 0));
             }
         }
-        c.write_all(&msg).await.unwrap();
+        c.write_all(&msg).await.expect("send the writes");
         let mut cookies: Vec<u64> = Vec::new();
         for _ in 0..5 {
             let (cookie, err) = reply(&mut c).await;
@@ -1364,8 +1366,13 @@ mod tests {
         }
         cookies.sort();
         assert_eq!(cookies, [0, 1, 2, 3, 4]);
-        c.write_all(&request(2, 9, 0, 0)).await.unwrap();
-        server.await.unwrap().unwrap();
+        c.write_all(&request(2, 9, 0, 0))
+            .await
+            .expect("send the disconnect");
+        server
+            .await
+            .expect("the server task")
+            .expect("the connection ends cleanly");
         let heads = device.heads();
         assert_eq!(heads.len(), 4, "every write took the pipe path: {heads:?}");
         assert_eq!(
@@ -1374,7 +1381,7 @@ mod tests {
             "payload bytes read into memory behind the first write: {heads:?}"
         );
         assert!(
-            std::fs::read(file.path()).unwrap() == expected,
+            std::fs::read(file.path()).expect("read the file back") == expected,
             "the file differs"
         );
     }

@@ -296,18 +296,23 @@ mod tests {
             Message::Ping,
         ];
         for m in &msgs {
-            write_message(&mut a, m).await.unwrap();
+            write_message(&mut a, m)
+                .await
+                .expect("the duplex holds every frame");
         }
         drop(a);
         let mut r = FrameReader::new(b);
         let mut heads = Vec::new();
         let mut got = Vec::new();
-        while let Some(f) = r.next_frame(64 * 1024).await.unwrap() {
+        while let Some(f) = r.next_frame(64 * 1024).await.expect("a valid frame") {
             match f {
                 Frame::Whole(m) => got.push(m),
                 Frame::Bulk { mut head, rest } => {
                     let mut tail = vec![0; rest];
-                    r.get_mut().read_exact(&mut tail).await.unwrap();
+                    r.get_mut()
+                        .read_exact(&mut tail)
+                        .await
+                        .expect("the payload's rest");
                     if let Message::Data { data, .. } | Message::RsData { data, .. } = &mut head {
                         heads.push(data.len());
                         let mut all = data.to_vec();
