@@ -7,10 +7,11 @@
 //! wait on the disk (fdatasync, FUA, O_DIRECT, fallocate, large copies) runs on
 //! tokio's blocking pool so it never stalls the other connections.
 
+use crate::pipes::PipePart;
 use crate::{range_end, AlignedBuf, BlockDevice, BlockSizes, Capabilities, Extent, ZeroFlags};
 use bytes::Bytes;
 use rustix::buffer::spare_capacity;
-use rustix::fd::{BorrowedFd, OwnedFd};
+use rustix::fd::BorrowedFd;
 use rustix::fs::{Advice, FallocateFlags, SeekFrom};
 use rustix::io::{Errno, ReadWriteFlags};
 use rustix::pipe::SpliceFlags;
@@ -333,29 +334,29 @@ impl Inner {
         &self,
         offset: u64,
         head: &[u8],
-        pipes: &[(OwnedFd, usize)],
+        pipes: &[PipePart],
         fua: bool,
         writeback: bool,
     ) -> io::Result<()> {
-        let len: usize = pipes.iter().map(|(_, n)| n).sum();
+        let len: usize = pipes.iter().map(|p| p.len).sum();
         if self.direct.is_some() {
             let mut all = Vec::with_capacity(head.len() + len);
             all.extend_from_slice(head);
-            for (pipe, n) in pipes {
+            for p in pipes {
                 let start = all.len();
-                all.resize(start + n, 0);
-                read_pipe_exact(pipe, &mut all[start..])?;
+                all.resize(start + p.len, 0);
+                read_pipe_exact(p.pipe.reader(), &mut all[start..])?;
             }
             return self.write(offset, &all, fua);
         }
         self.write_all(&self.file, head, offset, false)?;
         let mut at = offset + head.len() as u64;
         let mut moved = 0;
-        for (pipe, n) in pipes {
-            let mut left = *n;
+        for p in pipes {
+            let mut left = p.len;
             while left > 0 {
                 match rustix::pipe::splice(
-                    pipe,
+                    p.pipe.reader(),
                     None,
                     &self.file,
                     Some(&mut at),
@@ -566,12 +567,12 @@ impl FileDevice {
         &self,
         offset: u64,
         head: Bytes,
-        pipes: Vec<(OwnedFd, usize)>,
+        pipes: Vec<PipePart>,
         fua: bool,
         writeback: bool,
     ) -> io::Result<()> {
         self.writable()?;
-        let len: usize = pipes.iter().map(|(_, n)| n).sum();
+        let len: usize = pipes.iter().map(|p| p.len).sum();
         self.check(offset, (head.len() + len) as u64)?;
         self.run(false, move |i| {
             i.write_piped(offset, &head, &pipes, fua, writeback)
@@ -611,7 +612,7 @@ impl FileDevice {
 /// Fill `buf` from a pipe that already holds at least that many bytes;
 /// an error if it holds fewer (a non-blocking pipe runs dry rather than
 /// waiting).
-pub fn read_pipe_exact(pipe: &OwnedFd, buf: &mut [u8]) -> io::Result<()> {
+pub fn read_pipe_exact(pipe: BorrowedFd<'_>, buf: &mut [u8]) -> io::Result<()> {
     let mut at = 0;
     while at < buf.len() {
         match rustix::io::read(pipe, &mut buf[at..]) {
@@ -719,8 +720,8 @@ impl BlockDevice for FileDevice {
         piped: crate::pipes::Piped,
         fua: bool,
     ) -> io::Result<()> {
-        let (pipes, _counted) = piped.into_pipes();
-        self.write_from_pipes(offset, head, pipes, fua, false).await
+        self.write_from_pipes(offset, head, piped.into_pipes(), fua, false)
+            .await
     }
 }
 
@@ -739,8 +740,13 @@ mod tests {
         FileDevice::open(f.path(), &opts).unwrap()
     }
 
+    // The guard only keeps other tests' pipes apart; nothing else takes it.
+    #[allow(clippy::await_holding_lock)]
     #[tokio::test]
     async fn piped_writes_land_byte_for_byte_and_a_short_pipe_is_an_error() {
+        let _g = crate::pipes::tests::PIPE_TESTS
+            .lock()
+            .unwrap_or_else(|e| e.into_inner());
         let f = temp_file(8 << 20);
         for direct in [false, true] {
             let dev = open(
@@ -752,22 +758,19 @@ mod tests {
             );
             let head: Vec<u8> = (0..4096u32).map(|i| (i * 3) as u8).collect();
             let tail: Vec<u8> = (0..200_000u32).map(|i| (i * 13 + 1) as u8).collect();
-            let (r, w) = rustix::pipe::pipe_with(rustix::pipe::PipeFlags::NONBLOCK).unwrap();
-            rustix::pipe::fcntl_setpipe_size(&w, 256 * 1024).unwrap();
+            let pipe = crate::pipes::new_pipe(256 * 1024).expect("a pipe for the test");
             let mut at = 0;
             while at < tail.len() {
-                at += rustix::io::write(&w, &tail[at..]).unwrap();
+                at += rustix::io::write(pipe.writer(), &tail[at..]).expect("fill the pipe");
             }
             let offset = 1 << 20;
-            dev.write_from_pipes(
-                offset,
-                Bytes::from(head.clone()),
-                vec![(r, tail.len())],
-                direct,
-                true,
-            )
-            .await
-            .unwrap();
+            let part = PipePart {
+                pipe,
+                len: tail.len(),
+            };
+            dev.write_from_pipes(offset, Bytes::from(head.clone()), vec![part], direct, true)
+                .await
+                .unwrap();
             let got = dev.read(offset, head.len() + tail.len()).await.unwrap();
             assert!(got[..head.len()] == head[..], "head (direct={direct})");
             assert!(
@@ -775,10 +778,11 @@ mod tests {
                 "piped part (direct={direct})"
             );
             // A pipe holding less than announced fails the write.
-            let (r, w) = rustix::pipe::pipe_with(rustix::pipe::PipeFlags::NONBLOCK).unwrap();
-            rustix::io::write(&w, &[7u8; 1000]).unwrap();
+            let pipe = crate::pipes::new_pipe(256 * 1024).expect("a pipe for the test");
+            rustix::io::write(pipe.writer(), &[7u8; 1000]).expect("fill the pipe");
+            let part = PipePart { pipe, len: 8192 };
             let err = dev
-                .write_from_pipes(0, Bytes::new(), vec![(r, 8192)], false, true)
+                .write_from_pipes(0, Bytes::new(), vec![part], false, true)
                 .await
                 .unwrap_err();
             assert!(err.to_string().contains("ran dry"), "{err}");

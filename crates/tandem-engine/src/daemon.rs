@@ -283,6 +283,27 @@ pub fn keep_payload_buffers() {
     }
 }
 
+/// Payloads in flight hold pipes, two descriptors each (up to
+/// `pipes::MAX_PIPES`, plus the spare ones), besides the sockets and the
+/// disks: the soft limit of 1024 that service managers set by default is
+/// too close, so it is raised to the hard limit, as a service may.
+fn raise_open_files_limit() {
+    use rustix::process::{getrlimit, setrlimit, Resource, Rlimit};
+    let lim = getrlimit(Resource::Nofile);
+    if lim.current.is_some() && lim.maximum.is_some() && lim.current < lim.maximum {
+        let raised = Rlimit {
+            current: lim.maximum,
+            maximum: lim.maximum,
+        };
+        if let Err(e) = setrlimit(Resource::Nofile, raised) {
+            warn!(
+                "cannot raise the open files limit from {:?}: {e}",
+                lim.current
+            );
+        }
+    }
+}
+
 fn libc_enotsup() -> i32 {
     rustix::io::Errno::NOTSUP.raw_os_error()
 }
@@ -291,6 +312,7 @@ fn libc_enotsup() -> i32 {
 /// `ready` is called once the control socket accepts commands.
 pub fn run(opts: DaemonOptions, ready: impl FnOnce() + Send + 'static) -> Result<(), String> {
     keep_payload_buffers();
+    raise_open_files_limit();
     let mut builder = tokio::runtime::Builder::new_multi_thread();
     // One worker by default: the core is one actor, and with the NBD
     // connections and the link's tasks on the same thread a request's
@@ -1377,7 +1399,7 @@ impl Actor {
                         WriteKind::Data => match data {
                             Some(Payload::Mem(d)) => dev.write(offset, d, fua).await,
                             Some(Payload::Piped(head, p)) => {
-                                let (pipes, _counted) = p.into_pipes();
+                                let pipes = p.into_pipes();
                                 // The peer's writes are flushed soon (its
                                 // barriers); a client's are not.
                                 let writeback = !matches!(op, OpId::Client(_));

@@ -1072,12 +1072,12 @@ mod bulk_tests {
 
     /// Append what `piped`'s pipes hold to `all`; how many pipes it had.
     fn read_piped(all: &mut Vec<u8>, piped: Piped) -> usize {
-        let (pipes, _counted) = piped.into_pipes();
+        let pipes = piped.into_pipes();
         let n = pipes.len();
-        for (fd, len) in pipes {
+        for p in pipes {
             let start = all.len();
-            all.resize(start + len, 0);
-            tandem_blockdev::read_pipe_exact(&fd, &mut all[start..])
+            all.resize(start + p.len, 0);
+            tandem_blockdev::read_pipe_exact(p.pipe.reader(), &mut all[start..])
                 .unwrap_or_else(|e| panic!("reading a payload pipe: {e}"));
         }
         n
