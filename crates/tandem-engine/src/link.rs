@@ -1033,6 +1033,71 @@ mod tests {
             let _ = stop_tx.send(true);
         }
     }
+
+    /// A send that fails (here a payload whose pipe holds less than its
+    /// frame announced) takes the link down on both nodes at once: the
+    /// writer shuts the socket down, so the peer hears of it and both
+    /// readers end, instead of each waiting for its ping timeout while the
+    /// socket stays open with nothing more coming.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_failed_send_ends_both_links_at_once() {
+        // Its pipe is not to be had while another test holds every one.
+        let _slots = bulk_tests::SLOTS.lock().await;
+        for own_thread in [false, true] {
+            let (stop_tx, mut rxs) = start_pair(own_thread);
+            let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
+            let mut alpha_tx = None;
+            let mut beta_up = false;
+            while alpha_tx.is_none() || !beta_up {
+                let (a, b) = rxs.split_at_mut(1);
+                tokio::select! {
+                    Some(LinkEvent::Up { tx, .. }) = a[0].recv() => alpha_tx = Some(tx),
+                    Some(LinkEvent::Up { .. }) = b[0].recv() => beta_up = true,
+                    _ = tokio::time::sleep_until(deadline) => panic!("thread {own_thread}: no link came up"),
+                }
+            }
+            let Some(alpha_tx) = alpha_tx else {
+                unreachable!()
+            };
+            let pipe = tandem_blockdev::pipes::new_pipe(tandem_blockdev::pipes::DEFAULT_PIPE)
+                .expect("a pipe for the test");
+            rustix::io::write(pipe.writer(), &[9u8; 100]).expect("fill the pipe");
+            let short = Out::Piped {
+                msg: Message::Data {
+                    seq: 1,
+                    epoch: 1,
+                    offset: 0,
+                    fua: false,
+                    crc: None,
+                    data: bytes::Bytes::new(),
+                },
+                head: bytes::Bytes::new(),
+                piped: Piped {
+                    parts: vec![tandem_blockdev::pipes::PipePart { pipe, len: 5000 }],
+                },
+            };
+            alpha_tx
+                .send(vec![short])
+                .await
+                .expect("alpha's writer queue closed while its link was up");
+            // Well inside ping-int + ping-timeout (10 s), which is when a
+            // reader left running would notice.
+            let deadline = tokio::time::Instant::now() + Duration::from_secs(3);
+            let mut downs = [false, false];
+            while !(downs[0] && downs[1]) {
+                let (a, b) = rxs.split_at_mut(1);
+                tokio::select! {
+                    Some(LinkEvent::Down { .. }) = a[0].recv() => downs[0] = true,
+                    Some(LinkEvent::Down { .. }) = b[0].recv() => downs[1] = true,
+                    _ = tokio::time::sleep_until(deadline) => {
+                        panic!("thread {own_thread}: links still up after a failed send (down: {downs:?})")
+                    }
+                }
+            }
+            drop(alpha_tx);
+            let _ = stop_tx.send(true);
+        }
+    }
 }
 
 #[cfg(test)]
@@ -1047,7 +1112,7 @@ mod bulk_tests {
     /// Pipe slots are counted per process, and one test takes them all:
     /// under `cargo test` (one process, tests in parallel) the tests that
     /// take slots run one at a time.
-    static SLOTS: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
+    pub(super) static SLOTS: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
 
     fn pattern(n: usize, seed: u8) -> Bytes {
         (0..n)
