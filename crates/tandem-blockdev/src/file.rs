@@ -770,7 +770,7 @@ mod tests {
             };
             dev.write_from_pipes(offset, Bytes::from(head.clone()), vec![part], direct, true)
                 .await
-                .unwrap();
+                .expect("a full pipe writes");
             let got = dev.read(offset, head.len() + tail.len()).await.unwrap();
             assert!(got[..head.len()] == head[..], "head (direct={direct})");
             assert!(
