@@ -914,6 +914,30 @@ mod tests {
         (stop_tx, rxs)
     }
 
+    /// Wait (at most 5 s) until both links of a [`start_pair`] are up;
+    /// alpha's writer queue.
+    async fn both_up(
+        rxs: &mut [mpsc::Receiver<LinkEvent>],
+        own_thread: bool,
+    ) -> mpsc::Sender<Vec<Out>> {
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
+        let mut alpha_tx = None;
+        let mut beta_up = false;
+        loop {
+            if beta_up {
+                if let Some(tx) = alpha_tx.take() {
+                    return tx;
+                }
+            }
+            let (a, b) = rxs.split_at_mut(1);
+            tokio::select! {
+                Some(LinkEvent::Up { tx, .. }) = a[0].recv() => alpha_tx = Some(tx),
+                Some(LinkEvent::Up { .. }) = b[0].recv() => beta_up = true,
+                _ = tokio::time::sleep_until(deadline) => panic!("thread {own_thread}: no link came up"),
+            }
+        }
+    }
+
     /// Both nodes connect at the same moment, again and again: each ends up
     /// with exactly one link and keeps it (a mismatch would close both).
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -959,20 +983,7 @@ mod tests {
         for own_thread in [false, true] {
             let (stop_tx, mut rxs) = start_pair(own_thread);
             let within = |secs| tokio::time::Instant::now() + Duration::from_secs(secs);
-            let deadline = within(5);
-            let mut alpha_tx = None;
-            let mut beta_up = false;
-            while alpha_tx.is_none() || !beta_up {
-                let (a, b) = rxs.split_at_mut(1);
-                tokio::select! {
-                    Some(LinkEvent::Up { tx, .. }) = a[0].recv() => alpha_tx = Some(tx),
-                    Some(LinkEvent::Up { .. }) = b[0].recv() => beta_up = true,
-                    _ = tokio::time::sleep_until(deadline) => panic!("thread {own_thread}: no link came up"),
-                }
-            }
-            let Some(alpha_tx) = alpha_tx else {
-                unreachable!()
-            };
+            let alpha_tx = both_up(&mut rxs, own_thread).await;
             const N: u64 = 5_000;
             let sender = tokio::spawn(async move {
                 for first in (0..N).step_by(50) {
@@ -1045,20 +1056,7 @@ mod tests {
         let _slots = bulk_tests::SLOTS.lock().await;
         for own_thread in [false, true] {
             let (stop_tx, mut rxs) = start_pair(own_thread);
-            let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
-            let mut alpha_tx = None;
-            let mut beta_up = false;
-            while alpha_tx.is_none() || !beta_up {
-                let (a, b) = rxs.split_at_mut(1);
-                tokio::select! {
-                    Some(LinkEvent::Up { tx, .. }) = a[0].recv() => alpha_tx = Some(tx),
-                    Some(LinkEvent::Up { .. }) = b[0].recv() => beta_up = true,
-                    _ = tokio::time::sleep_until(deadline) => panic!("thread {own_thread}: no link came up"),
-                }
-            }
-            let Some(alpha_tx) = alpha_tx else {
-                unreachable!()
-            };
+            let alpha_tx = both_up(&mut rxs, own_thread).await;
             let pipe = tandem_blockdev::pipes::new_pipe(tandem_blockdev::pipes::DEFAULT_PIPE)
                 .expect("a pipe for the test");
             rustix::io::write(pipe.writer(), &[9u8; 100]).expect("fill the pipe");
