@@ -53,6 +53,16 @@ def fio_numbers(path):
     if side["total_ios"] == 0:
         raise ValueError("no I/O completed")
     pct = side.get("lat_ns", {}).get("percentile") or side["clat_ns"].get("percentile", {})
+    # Exact percentiles from fio's per-I/O log where the bench kept them
+    # (benches/lib.sh, exact_latency): fio's own come from buckets 1/64 of
+    # a power of two wide.
+    exact = path[: -len(".json")] + ".lat.json" if path.endswith(".json") else None
+    if exact and os.path.exists(exact):
+        with open(exact, encoding="utf-8") as f:
+            logged = json.load(f)
+        if logged.get("ios") != side["total_ios"]:
+            raise ValueError(f"{exact}: {logged.get('ios')} I/Os logged, fio counted {side['total_ios']}")
+        pct = logged["percentile_ns"]
 
     def p(key):
         v = pct.get(key)

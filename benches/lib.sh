@@ -40,6 +40,27 @@ for path in sys.argv[1:]:
 PY
 }
 
+# exact_latency PREFIX JSON: the percentiles of every I/O's total latency
+# in fio's log PREFIX_lat.1.log (--write_lat_log=PREFIX --log_avg_msec=0,
+# one "msec, nsec, direction, bs, offset" line per I/O after the ramp), by
+# nearest rank, written next to JSON as JSON's name with .lat.json for
+# fio_report.py to prefer over fio's bucketed ones; the logs are removed
+# (a QD1 cell logs about a hundred thousand lines).
+exact_latency() {
+  python3 - "$1" "$2" <<'PY' || return 1
+import json, math, sys
+prefix, out = sys.argv[1], sys.argv[2]
+with open(prefix + "_lat.1.log", encoding="utf-8") as f:
+    lat = sorted(int(line.split(",")[1]) for line in f if line.strip())
+if not lat:
+    sys.exit(f"{prefix}_lat.1.log: no I/O logged")
+pct = {f"{p:.6f}": lat[max(0, math.ceil(p / 100 * len(lat)) - 1)] for p in (50, 99, 99.9)}
+with open(out[: -len(".json")] + ".lat.json", "w", encoding="utf-8") as f:
+    json.dump({"ios": len(lat), "percentile_ns": pct}, f)
+PY
+  rm -f "$1"_lat.1.log "$1"_clat.1.log "$1"_slat.1.log
+}
+
 # proc_cpu PID: CPU seconds (user+system) the process has used so far.
 proc_cpu() {
   local stat

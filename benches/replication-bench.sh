@@ -20,6 +20,8 @@
 #                                                          [BENCH_RTTS, 0,1,5]
 #   --baselines LIST     subset of file,serve,nbdkit,qemu-nbd, or "none"
 #                                                          [BENCH_BASELINES, all four]
+#                        (in the QD1 row, serve and file also run once per
+#                        RTT above 0 with fio idle that long between writes)
 #   --sizes LIST         device sizes in GiB for the memory and start-up rows
 #                        (sparse files), or "none"         [BENCH_SIZES, 1,64,1024]
 #   --no-resync          skip the resync rows
@@ -149,6 +151,20 @@ fi
 server_list=("${baseline_list[@]}")
 for r in "${rtt_list[@]}"; do
   for p in "${protocol_list[@]}"; do server_list+=("$p@${r}ms"); done
+done
+# For the QD1 row only: serve and the file again with fio idle for the RTT
+# between writes (named like serve-idle5ms), which is how a pair at that RTT
+# leaves the machine between a write's send and its ack. A wake-up from
+# several idle milliseconds costs more on this VM than one from a busy loop
+# (serve's QD1 p50 rose from 42 to 83 us with fio's thinktime at 5 ms), and
+# protocol C's limit is built from these two baselines.
+for r in "${rtt_list[@]}"; do
+  [ "$r" -gt 0 ] || continue
+  for b in serve file; do
+    for x in "${baseline_list[@]}"; do
+      [ "$x" = "$b" ] && server_list+=("$b-idle${r}ms")
+    done
+  done
 done
 servers=$(IFS=,; echo "${server_list[*]}")
 
@@ -701,7 +717,13 @@ cells="$run_dir/cells.tsv"
 : >"$cells"
 failed=0
 n=${#server_list[@]}
-total=$(( ${#rows[@]} * rounds * n ))
+n_idle=0
+for s in "${server_list[@]}"; do [[ "$s" == *-idle*ms ]] && n_idle=$((n_idle + 1)); done
+total=0
+for r in "${rows[@]}"; do
+  IFS='|' read -r _id _label _rw _bs qd _kind <<<"$r"
+  if [ "$qd" -eq 1 ]; then total=$((total + rounds * n)); else total=$((total + rounds * (n - n_idle))); fi
+done
 done_cells=0
 eta=$(( total * (runtime + ramp + 3) ))
 log "$total cells of ${runtime}s (+${ramp}s ramp); about $(( eta / 60 )) min $(( eta % 60 )) s, then resync and size rows"
@@ -710,13 +732,21 @@ for ((ri = 0; ri < ${#rows[@]}; ri++)); do
   for ((round = 1; round <= rounds; round++)); do
     for ((k = 0; k < n; k++)); do
       s=${server_list[(k + ri + round - 1) % n]}
+      base=$s
+      think=()
+      if [[ "$s" == *-idle*ms ]]; then
+        [ "$qd" -eq 1 ] || continue
+        base=${s%-idle*}
+        idle=${s##*-idle}
+        think=(--thinktime=$(( ${idle%ms} * 1000 )))
+      fi
       done_cells=$((done_cells + 1))
       out="$id.$s.r$round.json"
       cell="$run_dir/cells/$id.$s.r$round"
       mkdir -p "$cell"
       target=(--ioengine=nbd --uri="PLACEHOLDER")
       pids=()
-      case "$s" in
+      case "$base" in
         file)
           files=("$img_serve")
           engine=io_uring
@@ -725,7 +755,7 @@ for ((ri = 0; ri < ${#rows[@]}; ri++)); do
           ;;
         serve|nbdkit|qemu-nbd)
           files=("$img_serve")
-          start_serve "$cell" "$s" || {
+          start_serve "$cell" "$base" || {
             printf '%s\t%s\t%s\t%s\t\t\t\t\t\n' "$id" "$round" "$s" "server did not start" >>"$cells"
             failed=1
             continue
@@ -753,13 +783,23 @@ for ((ri = 0; ri < ${#rows[@]}; ri++)); do
       evict_cache "${files[@]}"
       status=ok
       note=""
+      # At QD1 fio logs every I/O's latency: its percentiles come from a
+      # histogram whose buckets are 1/64 of a power of two wide (64 us
+      # around 5 ms, as wide as the margin the protocol C target allows),
+      # so exact_latency replaces them with the log's own percentiles.
+      lat_log=()
+      [ "$qd" -eq 1 ] && lat_log=(--write_lat_log="$run_dir/${out%.json}" --log_avg_msec=0)
       if ! fio --name="$id" "${target[@]}" \
         --rw="$rw" --bs="$bs" --iodepth="$qd" --numjobs=1 --size="$fio_size" \
         --time_based --runtime="$runtime" --ramp_time="$ramp" \
         --norandommap --randrepeat=1 --randseed=20251123 \
         --lat_percentiles=1 --percentile_list=50:99:99.9 \
+        "${lat_log[@]}" "${think[@]}" \
         --output-format=json --output="$run_dir/$out" >"$run_dir/$out.stderr" 2>&1; then
         status="fio failed (see $out.stderr)"
+      fi
+      if [ ${#lat_log[@]} -gt 0 ]; then
+        exact_latency "$run_dir/${out%.json}" "$run_dir/$out" || status="per-I/O latency log unreadable (see $out.stderr)"
       fi
       cpu=()
       for pid in "${pids[@]}"; do cpu+=("$(proc_cpu "$pid")"); done
@@ -771,7 +811,7 @@ for ((ri = 0; ri < ${#rows[@]}; ri++)); do
           status="a server or daemon died during the cell (logs: cells/${cell##*/})"
         fi
       done
-      case "$s" in
+      case "$base" in
         file) ;;
         serve|nbdkit|qemu-nbd) stop_serve ;;
         *)
@@ -788,14 +828,14 @@ for ((ri = 0; ri < ${#rows[@]}; ri++)); do
       printf '%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\n' "$id" "$round" "$s" "$status" "$out" \
         "${cpu[0]}" "${cpu[1]}" "$cached" "$note" >>"$cells"
       if [ "$status" = ok ]; then
-        summary=$(python3 - "$run_dir/$out" <<'EOF'
-import json, sys
-j = json.load(open(sys.argv[1]))["jobs"][0]
-side = max((j["read"], j["write"]), key=lambda s: s["total_ios"])
-p50 = side["lat_ns"]["percentile"].get("50.000000", 0) / 1000
-print(f"{side['iops']:.0f} IOPS, {side['bw_bytes'] / 1e6:.1f} MB/s, p50 {p50:.1f} us")
+        summary=$(PYTHONDONTWRITEBYTECODE=1 python3 - "$repo/benches" "$run_dir/$out" <<'EOF'
+import sys
+sys.path.insert(0, sys.argv[1])
+from fio_report import fio_numbers
+n = fio_numbers(sys.argv[2])
+print(f"{n['iops']:.0f} IOPS, {n['mbps']:.1f} MB/s, p50 {n['p50'] or 0:.1f} us")
 EOF
-        ) || summary="(unreadable JSON)"
+        ) || summary="(unreadable fio output)"
       else
         summary=$status
         failed=1

@@ -80,6 +80,14 @@ if [ "$bench" -eq 1 ]; then
       exit 1
     }
   done
+  # The QD1 row's idle-matched baselines ran and were read from their
+  # per-I/O latency logs.
+  grep -q "C limit, idle" "$bench_dir/report.md" &&
+    ls "$bench_dir"/work/runs/*/randwrite-4k-qd1.serve-idle5ms.r1.lat.json >/dev/null 2>&1 || {
+    echo "benchmark report lacks the idle-matched QD1 baselines ($bench_dir/report.md)" >&2
+    trap - EXIT
+    exit 1
+  }
   for plot in latency throughput sizes; do
     ls "$bench_dir"/results/replication-*-quick-"$plot".png >/dev/null 2>&1 || {
       echo "benchmark plot $plot is missing" >&2
