@@ -91,28 +91,78 @@ pub async fn serve(
     }
 }
 
+/// Wait until `at`, then send what `pipe` holds (`len` bytes) to `to`:
+/// the pipe comes back with the bytes still to send when the socket
+/// filled up, for [`drain`].
+///
 /// tokio's timers tick in whole milliseconds and round up, which would add
 /// up to a millisecond to every delay (measured: a 2 ms RTT became 4.7 ms).
 /// So only the bulk of a wait is a tokio sleep; its last stretch is a
-/// thread sleep on a blocking-pool thread (a high-resolution timer,
-/// accurate to tens of microseconds) that costs no CPU while it waits.
-async fn wait_until(at: Instant) {
+/// thread sleep on a blocking-pool thread (a high-resolution timer) that
+/// costs no CPU while it waits, with a timer slack of a nanosecond instead
+/// of Linux's default 50 µs, and that thread sends the piece itself:
+/// handing it back to the runtime first was one more wake-up after the
+/// deadline. Measured on this VM (a 4 KiB message and a 16-byte answer,
+/// median of 200, five runs each): a 5 ms RTT came out as 5,408–5,558 µs
+/// before both changes, and a 1 ms RTT as 1,314–1,410 µs.
+async fn send_at(
+    at: Instant,
+    pipe: Pipe,
+    len: usize,
+    to: &Arc<TcpStream>,
+) -> io::Result<(Pipe, usize)> {
     const COARSE: Duration = Duration::from_millis(2);
     let now = Instant::now();
     if at <= now {
-        return;
+        return Ok((pipe, len));
     }
     if at - now > COARSE {
         tokio::time::sleep_until(at - COARSE).await;
     }
     let at = at.into_std();
-    let _ = tokio::task::spawn_blocking(move || {
+    let to = Arc::clone(to);
+    let sent = tokio::task::spawn_blocking(move || {
+        precise_sleeps();
         let now = std::time::Instant::now();
         if at > now {
             std::thread::sleep(at - now);
         }
+        let mut left = len;
+        while left > 0 {
+            match splice(
+                &pipe.r,
+                None,
+                &*to,
+                None,
+                left,
+                SpliceFlags::MOVE | SpliceFlags::NONBLOCK,
+            ) {
+                Ok(0) => return Err(io::ErrorKind::WriteZero.into()),
+                Ok(n) => left -= n,
+                Err(rustix::io::Errno::INTR) => {}
+                // The socket is full: the runtime waits for room.
+                Err(rustix::io::Errno::AGAIN) => break,
+                Err(e) => return Err(e.into()),
+            }
+        }
+        Ok((pipe, left))
     })
     .await;
+    sent.unwrap_or_else(|e| Err(io::Error::other(format!("the sending thread failed: {e}"))))
+}
+
+/// Make this thread's sleeps end on time (see [`wait_until`]); once per
+/// thread.
+fn precise_sleeps() {
+    thread_local! {
+        static DONE: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
+    }
+    DONE.with(|done| {
+        if !done.replace(true) {
+            // Failure only leaves the default slack.
+            let _ = rustix::thread::set_current_timer_slack(std::num::NonZeroU64::new(1));
+        }
+    });
 }
 
 /// Both directions of one proxied connection.
@@ -271,14 +321,20 @@ async fn direction(
                 at += Duration::from_secs_f64(piece.len as f64 / rate as f64);
                 free_at = at;
             }
-            wait_until(at).await;
-            if let Err(e) = drain(&piece.pipe, piece.len, &to).await {
-                debug!("proxy write ended: {e}");
-                break;
-            }
+            let sent = match send_at(at, piece.pipe, piece.len, &to).await {
+                Ok((pipe, left)) => drain(&pipe, left, &to).await.map(|()| pipe),
+                Err(e) => Err(e),
+            };
+            let pipe = match sent {
+                Ok(pipe) => pipe,
+                Err(e) => {
+                    debug!("proxy write ended: {e}");
+                    break;
+                }
+            };
             if let Ok(mut p) = pool.lock() {
                 if p.len() < POOL {
-                    p.push(piece.pipe);
+                    p.push(pipe);
                 }
             }
         }
