@@ -87,8 +87,13 @@ class Run:
             if cpu_p:
                 self.cpu.setdefault(row, {}).setdefault(server, []).append(
                     (float(cpu_p), float(cpu_s) if cpu_s else None))
-        self.rtt_us = {int(r[0]): float(r[1]) for r in load(os.path.join(run_dir, "rtt.tsv"))
-                       if len(r) > 1 and r[1]}
+        # Every probe of each RTT setting (one at the start, then one before
+        # each QD1 pair cell at that RTT); the limits use their median.
+        self.rtt_probes = {}
+        for r in load(os.path.join(run_dir, "rtt.tsv")):
+            if len(r) > 1 and r[1]:
+                self.rtt_probes.setdefault(int(r[0]), []).append(float(r[1]))
+        self.rtt_us = {r: statistics.median(v) for r, v in self.rtt_probes.items()}
         self.resync = load(os.path.join(run_dir, "resync.tsv"))
         self.sizes = load(os.path.join(run_dir, "sizes.tsv"))
         for r in self.resync:
@@ -241,9 +246,10 @@ def render_limits(run, w):
       "has room, which it always has at QD1). Protocol B adds one way of the link "
       "and the Secondary's receive. The RTT in the limit is the one measured "
       "through the same proxy set-up (a 4 KiB message and a 16-byte answer, "
-      "median of 200): the proxy itself overshoots its delay by a few hundred "
-      "microseconds per direction on this VM (thread wake-ups), and that is "
-      "not tandem's cost.")
+      "median of 200, probed at the start and again before each QD1 pair cell "
+      "at that RTT; the median of those probes, with their range): the proxy "
+      "itself overshoots its delay by about a tenth of a millisecond per "
+      "direction on this VM (thread wake-ups), and that is not tandem's cost.")
     idle = [r for r in run.rtts if r > 0 and run.median(qd1, f"serve-idle{r}ms", "p50") is not None
             and run.median(qd1, f"file-idle{r}ms", "p50") is not None]
     if idle:
@@ -269,7 +275,11 @@ def render_limits(run, w):
     verdicts = []
     for r in run.rtts:
         rtt = run.rtt_us.get(r, r * 1000.0)
-        line = [f"{r} ms", fmt(run.rtt_us.get(r), "p50"), fmt(serve, "p50"), fmt(remote, "p50")]
+        probes = run.rtt_probes.get(r, [])
+        measured = fmt(run.rtt_us.get(r), "p50")
+        if len(probes) > 1:
+            measured += f" [{fmt(min(probes), 'p50')}–{fmt(max(probes), 'p50')}]"
+        line = [f"{r} ms", measured, fmt(serve, "p50"), fmt(remote, "p50")]
         c = run.median(qd1, f"C@{r}ms", "p50")
         if serve is not None and remote is not None:
             limit = serve + rtt + remote + SLACK_US
