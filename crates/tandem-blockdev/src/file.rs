@@ -7,7 +7,7 @@
 //! wait on the disk (fdatasync, FUA, O_DIRECT, fallocate, large copies) runs on
 //! tokio's blocking pool so it never stalls the other connections.
 
-use crate::pipes::PipePart;
+use crate::pipes::{PipePart, Piped};
 use crate::{range_end, AlignedBuf, BlockDevice, BlockSizes, Capabilities, Extent, ZeroFlags};
 use bytes::Bytes;
 use rustix::buffer::spare_capacity;
@@ -609,6 +609,66 @@ impl FileDevice {
     }
 }
 
+impl FileDevice {
+    /// `len` bytes from `offset` taken into pipes with `splice`: the pipes
+    /// hold the page cache's pages, not a copy, and a socket takes them
+    /// from there without one either. Blocks while pages are read from the
+    /// disk, so call it off the async workers; once it returns, sending
+    /// the pipes waits for nothing but the socket. `Ok(None)` when the
+    /// pipes run out ([`crate::pipes::MAX_PIPES`] taken, or more than
+    /// [`crate::pipes::MAX_CHAIN`] needed): readahead of the range is
+    /// started then, for whoever reads it next.
+    pub fn read_into_pipes(&self, offset: u64, len: usize) -> io::Result<Option<Piped>> {
+        use crate::pipes::{new_pipe, MAX_CHAIN, PIPE_MAX};
+        self.check(offset, len as u64)?;
+        if self.is_direct() {
+            // Splicing would read through the page cache the disk is
+            // opened around.
+            return Ok(None);
+        }
+        let mut parts: Vec<PipePart> = Vec::new();
+        let mut at = offset;
+        let mut left = len;
+        while left > 0 {
+            let pipe = match (parts.len() < MAX_CHAIN).then(|| new_pipe(left.min(PIPE_MAX))) {
+                Some(Some(p)) => p,
+                _ => {
+                    if let Some(n) = std::num::NonZeroU64::new(left as u64) {
+                        rustix::fs::fadvise(&self.inner.file, at, Some(n), Advice::WillNeed)?;
+                    }
+                    return Ok(None);
+                }
+            };
+            let mut n = 0;
+            while n < left {
+                match rustix::pipe::splice(
+                    &self.inner.file,
+                    Some(&mut at),
+                    pipe.writer(),
+                    None,
+                    left - n,
+                    SpliceFlags::NONBLOCK,
+                ) {
+                    Ok(0) => {
+                        return Err(io::Error::new(
+                            io::ErrorKind::UnexpectedEof,
+                            format!("the backing file ends at {at}, inside the device"),
+                        ))
+                    }
+                    Ok(k) => n += k,
+                    // The pipe is full: the rest goes into the next one.
+                    Err(Errno::AGAIN) if n > 0 => break,
+                    Err(Errno::INTR) => {}
+                    Err(e) => return Err(e.into()),
+                }
+            }
+            left -= n;
+            parts.push(PipePart { pipe, len: n });
+        }
+        Ok(Some(Piped { parts }))
+    }
+}
+
 /// Fill `buf` from a pipe that already holds at least that many bytes;
 /// an error if it holds fewer (a non-blocking pipe runs dry rather than
 /// waiting).
@@ -729,6 +789,7 @@ impl BlockDevice for FileDevice {
 mod tests {
     use super::*;
     use std::io::Write;
+    use std::os::unix::fs::FileExt;
 
     fn temp_file(size: u64) -> tempfile::NamedTempFile {
         let f = tempfile::NamedTempFile::new().unwrap();
@@ -738,6 +799,46 @@ mod tests {
 
     fn open(f: &tempfile::NamedTempFile, opts: FileOptions) -> FileDevice {
         FileDevice::open(f.path(), &opts).unwrap()
+    }
+
+    #[test]
+    fn a_range_read_into_pipes_holds_its_bytes_in_order() {
+        let _g = crate::pipes::tests::PIPE_TESTS
+            .lock()
+            .unwrap_or_else(|e| e.into_inner());
+        let size = 8u64 << 20;
+        let f = temp_file(size);
+        let data: Vec<u8> = (0..size as u32).map(|i| (i * 7 + i / 4096) as u8).collect();
+        f.as_file().write_all_at(&data, 0).expect("fill the file");
+        let dev = open(&f, FileOptions::default());
+        // Three pipes' worth, starting one page in.
+        let (offset, len) = (4096u64, (3 << 20) + 8192);
+        let piped = dev
+            .read_into_pipes(offset, len)
+            .expect("read")
+            .expect("pipes for 3 MiB");
+        assert_eq!(piped.len(), len);
+        assert!(
+            piped.parts.len() > 1,
+            "more than a pipe's worth spans pipes"
+        );
+        let got = piped.read_after(&[]).expect("the pipes hold the bytes");
+        assert!(got[..] == data[offset as usize..offset as usize + len]);
+        // More than MAX_CHAIN pipes hold: the caller reads another way.
+        let too_long = crate::pipes::MAX_CHAIN * crate::pipes::PIPE_MAX + 4096;
+        assert!(dev.read_into_pipes(0, too_long).expect("read").is_none());
+        assert!(
+            dev.read_into_pipes(size - 4096, 8192).is_err(),
+            "past the end"
+        );
+        let direct = open(
+            &f,
+            FileOptions {
+                direct: true,
+                ..FileOptions::default()
+            },
+        );
+        assert!(direct.read_into_pipes(0, 4096).expect("read").is_none());
     }
 
     // The guard only keeps other tests' pipes apart; nothing else takes it.

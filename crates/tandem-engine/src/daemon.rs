@@ -1470,9 +1470,11 @@ impl Actor {
                     }
                 };
                 // A large resync read goes from the page cache to the link
-                // socket (`sendfile`) as the next frame on the wire, and is
-                // done, for the core, once it is sent: client writes that
-                // overlap it wait until then, as for any read.
+                // socket (through pipes, or with `sendfile`) as the next
+                // frame on the wire, and is done, for the core, once it is
+                // sent: client writes that overlap it wait until then, as
+                // for any read (the pipes hold the page cache's pages, not
+                // a copy of them).
                 if let OpId::ResyncRead { link, id } = op {
                     let big = usize::try_from(len)
                         .ok()
@@ -1491,14 +1493,9 @@ impl Actor {
                                 });
                             }
                         });
-                        // The writer sends frames one at a time; reading
-                        // ahead now keeps the disk busy with the whole
-                        // window of requests instead of one at a time when
-                        // the data is not in the page cache.
-                        let ahead = Arc::clone(&dev);
-                        tokio::spawn(async move {
-                            let _ = ahead.cache(offset, len).await;
-                        });
+                        // The frame reads its payload into pipes as soon
+                        // as it exists, ahead of the writer (or starts
+                        // readahead when no pipes are left).
                         let frame = link::FileFrame::rs_data(id, offset, n, dev, done);
                         self.push_out(link, link::Out::File(frame), n).await;
                         return;
