@@ -91,7 +91,23 @@ p = lambda t: datetime.datetime.fromisoformat(t.replace("Z", "+00:00"))
 print((p(end) - p(start)).total_seconds() if start and end else float("nan"))
 PY
 }
+# Lines of beta's log saying a resync finished; take it before starting one
+# and hand it to wait_synced.
+finished() { grep -c "resync finished" "$dir/beta/r0.log" || true; }
+# Wait until beta logs a resync finished beyond $1 lines, reading its log
+# from one process: polling `tandem dstate` meanwhile started two processes
+# every 20 ms (about 2 ms of CPU each), which took 5-10 % of the two vCPUs
+# from the resync being measured. Then check the states.
 wait_synced() {
+  python3 - "$dir/beta/r0.log" "$1" <<'PY' || exit 1
+import sys, time
+path, before = sys.argv[1], int(sys.argv[2])
+deadline = time.time() + 3600
+while sum("resync finished" in line for line in open(path, errors="replace")) <= before:
+    if time.time() > deadline:
+        sys.exit("resync-bench: no sync within an hour")
+    time.sleep(0.02)
+PY
   local deadline=$(( $(date +%s) + 3600 ))
   until [ "$(tdm beta dstate r0)" = "UpToDate/UpToDate" ] && [ "$(tdm alpha cstate r0)" = "Connected" ]; do
     [ "$(date +%s)" -lt "$deadline" ] || { echo "resync-bench: no sync within an hour" >&2; exit 1; }
@@ -143,9 +159,10 @@ until [ "$(tdm alpha cstate r0)" = "Connected" ]; do sleep 0.05; done
 
 rows=()
 log "full sync (100 % dirty): primary --force on a never-synced pair"
+n=$(finished)
 t0=$(now)
 tdm alpha primary r0 --force
-wait_synced
+wait_synced "$n"
 t1=$(now)
 full_s=$(python3 -c "print($t1 - $t0)")
 sent=$(json alpha 'r["counters"]["resync-bytes-sent"]')
@@ -161,9 +178,10 @@ for pct in 10 1; do
     --randseed=$pct --output=/dev/null >/dev/null
   oos=$(json alpha 'r["out-of-sync-bytes"]')
   before=$(json alpha 'r["counters"]["resync-bytes-sent"]')
+  n=$(finished)
   t0=$(now)
   tdm beta connect r0
-  wait_synced
+  wait_synced "$n"
   t1=$(now)
   after=$(json alpha 'r["counters"]["resync-bytes-sent"]')
   rows+=("$pct %|$((after - before))|$(phase)|$(python3 -c "print($t1 - $t0)")")
@@ -205,11 +223,12 @@ for mode in controlled uncontrolled; do
   if [ "$mode" = uncontrolled ]; then restart_with 'c-min-rate = "400MiB"'; fi
   log "client latency during a full resync ($mode)"
   before=$(json beta 'r["counters"]["resync-bytes-received"]')
+  n=$(finished)
   tdm beta invalidate r0
   r=$(qd1 "$mode")
   moved=$(( $(json beta 'r["counters"]["resync-bytes-received"]') - before ))
   lat+=("full resync, $mode|$r|$((moved / 5 / 1000000))")
-  wait_synced
+  wait_synced "$n"
 done
 tdm alpha secondary r0
 tdm alpha down r0
@@ -220,7 +239,7 @@ report="benches/results/resync-$stamp.md"
 {
   echo "## Resync ($((data / 1048576)) MiB device, $(nproc) vCPUs, $(date -u +%Y-%m-%dT%H:%MZ), git $(git rev-parse --short HEAD))"
   echo
-  echo "Command: \`benches/resync-bench.sh$([ "$quick" = 1 ] && echo " --quick" || echo " --size-mib $size_mib")\`. Protocol C, both nodes on loopback on this machine, \`resync-rate = \"100GiB\"\` (unthrottled). *Resync time* is the SyncTarget's log from \`resync starts\` (generations compared, bitmaps about to be exchanged) to \`resync finished\` (everything written and flushed); *wall time* runs from the command that starts it (\`primary --force\`, \`connect\`) until \`dstate\` reads UpToDate/UpToDate, so it adds connecting (connect-int 1 s) and the polling. Raw copy: \`dd bs=1M conv=fdatasync\` between the same backing files, best of two."
+  echo "Command: \`benches/resync-bench.sh$([ "$quick" = 1 ] && echo " --quick" || echo " --size-mib $size_mib")\`. Protocol C, both nodes on loopback on this machine, \`resync-rate = \"100GiB\"\` (unthrottled). *Resync time* is the SyncTarget's log from \`resync starts\` (generations compared, bitmaps about to be exchanged) to \`resync finished\` (everything written and flushed); *wall time* runs from the command that starts it (\`primary --force\`, \`connect\`) until the SyncTarget logs \`resync finished\` (read from its log every 20 ms, so that no process is started meanwhile) and \`dstate\` then reads UpToDate/UpToDate, so it adds connecting (connect-int 1 s) and the polling. Raw copy: \`dd bs=1M conv=fdatasync\` between the same backing files, best of two."
   echo
   echo "| Dirty | Resync bytes | Resync time (s) | MB/s | vs raw copy | Time vs 100 % | Wall time (s) |"
   echo "|---|---|---|---|---|---|---|"
