@@ -237,7 +237,7 @@ cmp -n "$data" "$dir/alpha.img" "$dir/beta.img" || { echo "resync-bench: the rep
 
 report="benches/results/resync-$stamp.md"
 {
-  echo "## Resync ($((data / 1048576)) MiB device, $(nproc) vCPUs, $(date -u +%Y-%m-%dT%H:%MZ), git $(git rev-parse --short HEAD))"
+  echo "## Resync ($((data / 1048576)) MiB device, $(nproc) vCPUs, $(date -u +%Y-%m-%dT%H:%MZ), git $(git rev-parse --short HEAD)$([ -n "${TANDEM_BIN:-}" ] && echo ", binary $TANDEM_BIN"))"
   echo
   echo "Command: \`benches/resync-bench.sh$([ "$quick" = 1 ] && echo " --quick" || echo " --size-mib $size_mib")\`. Protocol C, both nodes on loopback on this machine, \`resync-rate = \"100GiB\"\` (unthrottled). *Resync time* is the SyncTarget's log from \`resync starts\` (generations compared, bitmaps about to be exchanged) to \`resync finished\` (everything written and flushed); *wall time* runs from the command that starts it (\`primary --force\`, \`connect\`) until the SyncTarget logs \`resync finished\` (read from its log every 20 ms, so that no process is started meanwhile) and \`dstate\` then reads UpToDate/UpToDate, so it adds connecting (connect-int 1 s) and the polling. Raw copy: \`dd bs=1M conv=fdatasync\` between the same backing files, best of two."
   echo
