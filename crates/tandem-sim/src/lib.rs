@@ -50,10 +50,16 @@
 //!   split-brain recovery by the cycled `after-sb-*` policies), with the
 //!   blocks' contents moved by the simulation.
 //! - **Repair**: a split brain left StandAlone stays so until an operator
-//!   acts; at a random step one stops both daemons, compares the disks
-//!   (every differing block must be marked in a bitmap: invariant 3),
-//!   copies the better node's data to the other, gives both the same
-//!   generations and clean bitmaps and restarts them connected.
+//!   acts; at a random step one does, after comparing the disks (every
+//!   differing block must be marked in a bitmap: invariant 3). A StandAlone
+//!   pair is repaired as on real daemons: the victim is demoted if it is
+//!   Primary and reconnects with `connect --discard-my-data`, the survivor
+//!   with `connect`, and the core makes the victim the SyncTarget of the
+//!   union of both bitmaps (a resync like any other, under the schedule's
+//!   faults). Other degraded pairs (no usable UpToDate side), and a victim
+//!   that cannot be demoted, are repaired by stopping both daemons, copying
+//!   the better node's data to the other, giving both the same generations
+//!   and clean bitmaps and restarting them connected.
 //!
 //! # Checkers (invariants of `design.md`)
 //!

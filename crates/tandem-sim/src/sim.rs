@@ -129,7 +129,8 @@ pub struct Options {
     pub switchover: u32,
     /// While disconnected, the Secondary is promoted too (split brain).
     pub rogue_promote: u32,
-    /// An operator repairs a degraded pair (the stand-in for resync).
+    /// An operator repairs a degraded pair (`connect --discard-my-data`
+    /// after a split brain, else a copy of the disks).
     pub repair: u32,
     /// When no node is Primary, both are promoted at once, as two HA
     /// managers racing would: per 10,000 such promotions (0 = never; see
@@ -271,6 +272,12 @@ pub struct Stats {
     pub rogue_promotions: u64,
     pub split_brains: u64,
     pub repairs: u64,
+    /// Repairs of a StandAlone pair by `connect --discard-my-data` on the
+    /// victim (the rest copy the disks).
+    pub discard_repairs: u64,
+    /// Split brains resolved at a connect with the node told to discard
+    /// its data as the SyncTarget.
+    pub discarded_by_operator: u64,
     /// Resyncs that finished.
     pub resyncs: u64,
     /// Connects where a SyncSource that missed its resync's end resumed
@@ -323,6 +330,8 @@ impl Stats {
             rogue_promotions,
             split_brains,
             repairs,
+            discard_repairs,
+            discarded_by_operator,
             resyncs,
             missed_resync_ends,
             disk_state_syncs,
@@ -347,7 +356,7 @@ impl fmt::Display for Stats {
             "runs {}, steps {}, writes {} submitted / {} completed / {} failed, flushes {}, \
              requests dropped by crashes {}, frames {}, link drops {}, link ups {}, connections {}, \
              daemon crashes {}, machine crashes {}, promotions {}, demotions {}, rogue promotions {}, \
-             split brains {}, repairs {}, resyncs {} (missed ends {}, by disk states {}), verifies {}, invalidates {}, AL busy {}, peer completion checks {}, peer flush checks {}, \
+             split brains {}, repairs {} ({} by discard-my-data, {} victims resynced so), resyncs {} (missed ends {}, by disk states {}), verifies {}, invalidates {}, AL busy {}, peer completion checks {}, peer flush checks {}, \
              split-brain checks {}, disk comparisons {} ({} differing blocks, all marked), \
              blocks marked by AL replay {}, disks detached after errors {}",
             self.runs,
@@ -368,6 +377,8 @@ impl fmt::Display for Stats {
             self.rogue_promotions,
             self.split_brains,
             self.repairs,
+            self.discard_repairs,
+            self.discarded_by_operator,
             self.resyncs,
             self.missed_resync_ends,
             self.disk_state_syncs,
@@ -818,6 +829,7 @@ impl Sim {
             node.core_link = Some(link);
         }
         let pre = core.cstate();
+        let discarding = core.report().discard_my_data;
         let mut acts = Vec::new();
         core.handle(ev.clone(), &mut acts);
         let post = core.cstate();
@@ -850,6 +862,9 @@ impl Sim {
             // so the split brain is not reported again.
             self.nodes[n].acked.clear();
             self.nodes[n].wrote_apart = false;
+            if discarding {
+                self.stats.discarded_by_operator += 1;
+            }
         }
         self.note(|| format!("n{n} <- {ev:?}  [{pre} -> {post}]"));
         self.exec_all(n, acts.clone(), &lost)?;
@@ -1761,10 +1776,12 @@ impl Sim {
             .all(|x| x.core.is_some() && x.clients.is_empty())
     }
 
-    /// The operator's stand-in for a resync (the core has none yet): stop
-    /// both daemons, compare the disks (every difference must be marked),
-    /// copy the better node's data over the other, give both the same
-    /// generations and clean bitmaps, and start again connected.
+    /// An operator repairs a degraded pair. The disks are compared first
+    /// (every difference must be marked); a StandAlone pair is then
+    /// reconnected with `connect --discard-my-data` on the victim
+    /// ([`Sim::discard_repair`]); otherwise both daemons stop, the better
+    /// node's data is copied over the other, both get the same generations
+    /// and clean bitmaps, and they start again connected.
     fn repair(&mut self) -> R {
         self.note(|| "repair".into());
         self.drop_link();
@@ -1791,6 +1808,18 @@ impl Sim {
             .unwrap_or_else(|| self.rng.index(2)),
         };
         let target = 1 - source;
+        if self
+            .nodes
+            .iter()
+            .any(|x| x.cstate() == Some(ConnState::StandAlone))
+            && self.discard_repair(target)?
+        {
+            if primaries.contains(&source) {
+                self.preferred = Some(source);
+                self.preferred_tries = 0;
+            }
+            return Ok(());
+        }
         let src_disk = self.nodes[source].disk.clone();
         self.nodes[target].disk.copy_from(&src_disk);
         self.nodes[source].disk.flush();
@@ -1835,6 +1864,36 @@ impl Sim {
             self.preferred_tries = 0;
         }
         Ok(())
+    }
+
+    /// A StandAlone pair repaired the way an operator does it on real
+    /// daemons: the victim (`target`) is demoted if it is Primary and
+    /// reconnects with `connect --discard-my-data`, the survivor with
+    /// `connect`; the core then finds the split brain (or whatever else
+    /// the generations say), makes the victim the SyncTarget of the union
+    /// of both bitmaps and the resync runs like any other, under the
+    /// schedule's faults. False when the victim cannot be demoted: then
+    /// the disks are copied instead.
+    fn discard_repair(&mut self, target: usize) -> R<bool> {
+        if self.nodes[target].is_primary() && !self.demote(target)? {
+            return Ok(false);
+        }
+        self.note(|| format!("n{target} connect --discard-my-data"));
+        for n in [target, 1 - target] {
+            let Some(core) = self.nodes[n].core.as_mut() else {
+                return Ok(false);
+            };
+            if n == target {
+                core.set_discard_my_data(true);
+            }
+            core.connect();
+        }
+        self.stats.repairs += 1;
+        self.stats.discard_repairs += 1;
+        self.repair_pending = false;
+        self.link_up()?;
+        self.drain_frames()?;
+        Ok(true)
     }
 
     // ---- the schedule ----

@@ -82,6 +82,8 @@ fn assert_explores(s: &Stats, seeds: u64) {
         ("split brains", s.split_brains),
         ("split-brain checks", s.split_brain_checks),
         ("repairs", s.repairs),
+        ("repairs by discard-my-data", s.discard_repairs),
+        ("discard-my-data victims resynced", s.discarded_by_operator),
         ("AL busy", s.al_busy),
         ("peer completion checks", s.peer_completion_checks),
         ("peer flush checks", s.peer_flush_checks),
