@@ -336,6 +336,57 @@ fn split_brain_is_detected_and_discard_my_data_resyncs_the_union() {
     assert_replicas_identical(&pair, "after discard-my-data");
 }
 
+/// `after-sb-0pri = discard-younger-primary` keeps the data of the node
+/// that was Primary when the link went (alpha); `discard-older-primary`
+/// keeps the data of the one promoted while apart (beta). Only the union of
+/// the changed blocks travels either way.
+#[test]
+fn after_sb_0pri_younger_and_older_primary_pick_their_victim() {
+    require_tool("nbdsh");
+    for (policy, extra_net, loser, winner) in [
+        (
+            "discard-younger-primary",
+            "after-sb-0pri = \"discard-younger-primary\"",
+            Beta,
+            Alpha,
+        ),
+        (
+            "discard-older-primary",
+            "after-sb-0pri = \"discard-older-primary\"",
+            Alpha,
+            Beta,
+        ),
+    ] {
+        let pair = Pair::connected(PairOptions {
+            extra_net,
+            ..PairOptions::default()
+        });
+        let union = make_split_brain(&pair);
+        // No Primary left: the 0pri policy decides.
+        pair.ok(Alpha, &["secondary", RES]);
+        pair.ok(Alpha, &["connect", RES]);
+        pair.ok(Beta, &["connect", RES]);
+        pair.wait_for(loser, "dstate", "UpToDate/UpToDate", SYNC_TIMEOUT);
+        pair.wait_for(winner, "cstate", "Connected", STATE_TIMEOUT);
+        let log = pair.log(loser);
+        assert!(
+            log.contains("split brain resolved: this node's data is discarded"),
+            "{policy}: {loser}:\n{log}"
+        );
+        let w = pair.status(winner);
+        assert_eq!(counter(&w, "resync-bytes-sent"), union, "{policy}: {w:#}");
+        assert_replicas_identical(&pair, policy);
+        // Block 2 was written by alpha apart, block 3 by beta.
+        let img = std::fs::read(pair.disk(loser)).unwrap();
+        let (b2, b3) = if matches!(winner, Alpha) {
+            (0xaa, 0x11)
+        } else {
+            (0x11, 0xbb)
+        };
+        assert_eq!((img[2 * 4096], img[3 * 4096]), (b2, b3), "{policy}");
+    }
+}
+
 #[test]
 fn after_sb_1pri_discard_secondary_recovers_by_itself() {
     require_tool("nbdsh");

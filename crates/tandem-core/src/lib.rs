@@ -2340,6 +2340,15 @@ impl Core {
         if g.current != UUID_JUST_CREATED {
             if g.bitmap == 0 {
                 g.bitmap = g.current;
+                // Who was Primary on the generation left behind, for the
+                // split-brain policies; written before the generations, so
+                // a crash in between leaves it describing a bitmap
+                // generation that is still 0 (and means nothing).
+                if self.role == Role::Primary {
+                    self.persist_flags(flags::BITMAP_WAS_PRIMARY, 0, out);
+                } else {
+                    self.persist_flags(0, flags::BITMAP_WAS_PRIMARY, out);
+                }
             } else if self.flags & flags::CURRENT_SHARED != 0 {
                 // The bitmap already tracks changes since an older
                 // generation (a superset); the current one must stay known

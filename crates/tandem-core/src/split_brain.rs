@@ -14,10 +14,13 @@ pub enum AfterSb0Pri {
     /// Do not resolve; disconnect.
     #[default]
     Disconnect,
-    /// The node that became Primary later loses (not supported yet: it
-    /// disconnects, saying so).
+    /// The node promoted while apart loses; the one that was Primary
+    /// when the link went wins (flag `BITMAP_WAS_PRIMARY`). When that does
+    /// not tell them apart: `discard-zero-changes`, then
+    /// `discard-least-changes`, as DRBD falls through.
     DiscardYoungerPrimary,
-    /// The node that became Primary earlier loses (not supported yet).
+    /// The node that was Primary when the link went loses; the one
+    /// promoted while apart wins. Falls through as above.
     DiscardOlderPrimary,
     /// A node that changed nothing loses; if both changed, disconnect.
     DiscardZeroChanges,
@@ -168,25 +171,44 @@ impl Core {
         let (mine, theirs) = (self.local_oos, peer.oos);
         match self.cfg.split_brain.zero {
             AfterSb0Pri::Disconnect => None,
-            AfterSb0Pri::DiscardYoungerPrimary | AfterSb0Pri::DiscardOlderPrimary => {
-                out.push(Action::Log(
-                    "after-sb-0pri discard-younger-primary / discard-older-primary is not supported yet; disconnecting".into(),
-                ));
-                None
+            p @ (AfterSb0Pri::DiscardYoungerPrimary | AfterSb0Pri::DiscardOlderPrimary) => {
+                let older = |f: u32| f & flags::BITMAP_WAS_PRIMARY != 0;
+                match (older(self.flags), older(peer.flags)) {
+                    (true, false) => Some(p == AfterSb0Pri::DiscardOlderPrimary),
+                    (false, true) => Some(p == AfterSb0Pri::DiscardYoungerPrimary),
+                    _ => {
+                        out.push(Action::Log(
+                            "after-sb-0pri: both nodes or neither were Primary when the link went; deciding by discard-zero-changes, then discard-least-changes".into(),
+                        ));
+                        self.zero_changes(mine, theirs)
+                            .or_else(|| Some(self.least_changes(mine, theirs)))
+                    }
+                }
             }
-            AfterSb0Pri::DiscardZeroChanges => match (mine == 0, theirs == 0) {
-                (true, false) => Some(true),
-                (false, true) => Some(false),
-                // Neither changed anything: either may go.
-                (true, true) => Some(!self.cfg.source_on_tie),
-                (false, false) => None,
-            },
-            AfterSb0Pri::DiscardLeastChanges => Some(match mine.cmp(&theirs) {
-                std::cmp::Ordering::Less => true,
-                std::cmp::Ordering::Greater => false,
-                std::cmp::Ordering::Equal => !self.cfg.source_on_tie,
-            }),
+            AfterSb0Pri::DiscardZeroChanges => self.zero_changes(mine, theirs),
+            AfterSb0Pri::DiscardLeastChanges => Some(self.least_changes(mine, theirs)),
             AfterSb0Pri::DiscardNode(me) => Some(me),
+        }
+    }
+
+    /// `discard-zero-changes`: whether this node loses, `None` when both
+    /// changed something.
+    fn zero_changes(&self, mine: u64, theirs: u64) -> Option<bool> {
+        match (mine == 0, theirs == 0) {
+            (true, false) => Some(true),
+            (false, true) => Some(false),
+            // Neither changed anything: either may go.
+            (true, true) => Some(!self.cfg.source_on_tie),
+            (false, false) => None,
+        }
+    }
+
+    /// `discard-least-changes`: whether this node loses.
+    fn least_changes(&self, mine: u64, theirs: u64) -> bool {
+        match mine.cmp(&theirs) {
+            std::cmp::Ordering::Less => true,
+            std::cmp::Ordering::Greater => false,
+            std::cmp::Ordering::Equal => !self.cfg.source_on_tie,
         }
     }
 }

@@ -691,6 +691,91 @@ fn diverged_generations_are_split_brain() {
     }
 }
 
+/// A pair split with `a` Primary when the link went and `b` promoted
+/// while apart, both Secondary again, under `policy`; returns both nodes'
+/// actions of the first report exchange on the new link.
+fn split_then_reconnect(
+    policy: AfterSb0Pri,
+    a_older: bool,
+) -> (Node, Node, Vec<Action>, Vec<Action>) {
+    let (mut a, mut b) = pair(Protocol::C);
+    for n in [&mut a, &mut b] {
+        n.core.cfg.split_brain.zero = policy;
+        n.feed(Event::LinkDown {
+            link: 1,
+            cause: ConnState::NetworkFailure,
+        });
+    }
+    b.core.promote(false, &mut b.actions).unwrap();
+    a.core.demote(0, &mut a.actions).unwrap();
+    b.core.demote(0, &mut b.actions).unwrap();
+    let bit = |n: &Node| n.core.flags() & flags::BITMAP_WAS_PRIMARY != 0;
+    assert!(bit(&a), "a was Primary when the link went");
+    assert!(!bit(&b), "b was promoted while apart");
+    if !a_older {
+        a.core.flags &= !flags::BITMAP_WAS_PRIMARY;
+    }
+    a.take();
+    b.take();
+    a.feed(Event::LinkUp { link: 2 });
+    b.feed(Event::LinkUp { link: 2 });
+    let to_b = sends(&a.take());
+    let to_a = sends(&b.take());
+    for p in to_b {
+        b.feed(Event::Packet { link: 2, packet: p });
+    }
+    for p in to_a {
+        a.feed(Event::Packet { link: 2, packet: p });
+    }
+    let (aa, ba) = (a.take(), b.take());
+    (a, b, aa, ba)
+}
+
+fn discards_own_data(acts: &[Action]) -> bool {
+    acts.iter()
+        .any(|x| matches!(x, Action::Log(l) if l.contains("this node's data is discarded")))
+}
+
+/// `discard-younger-primary` and `discard-older-primary` pick the node
+/// promoted while apart, or the one Primary when the link went; when the
+/// flag does not tell them apart they fall through to
+/// `discard-zero-changes` and `discard-least-changes`, and both nodes still
+/// agree on one victim.
+#[test]
+fn younger_and_older_primary_policies_pick_their_victim() {
+    for (policy, a_loses) in [
+        (AfterSb0Pri::DiscardYoungerPrimary, false),
+        (AfterSb0Pri::DiscardOlderPrimary, true),
+    ] {
+        let (a, b, aa, ba) = split_then_reconnect(policy, true);
+        for (n, acts) in [(&a, &aa), (&b, &ba)] {
+            assert!(
+                acts.iter().any(|x| matches!(x, Action::SplitBrain { .. })),
+                "{policy:?}: split brain is reported: {acts:?}"
+            );
+            assert_ne!(
+                n.core.cstate(),
+                ConnState::StandAlone,
+                "{policy:?}: {acts:?}"
+            );
+        }
+        assert_eq!(discards_own_data(&aa), a_loses, "{policy:?}: a: {aa:?}");
+        assert_eq!(discards_own_data(&ba), !a_loses, "{policy:?}: b: {ba:?}");
+        let (a, b, aa, ba) = split_then_reconnect(policy, false);
+        assert_ne!(
+            discards_own_data(&aa),
+            discards_own_data(&ba),
+            "{policy:?}, neither was Primary at the split: one victim\n{aa:?}\n{ba:?}"
+        );
+        assert!(
+            aa.iter().any(|x| matches!(x, Action::Log(l) if l.contains("discard-zero-changes, then discard-least-changes"))),
+            "{aa:?}"
+        );
+        assert_ne!(a.core.cstate(), ConnState::StandAlone);
+        assert_ne!(b.core.cstate(), ConnState::StandAlone);
+    }
+}
+
 #[test]
 fn stale_link_events_are_ignored() {
     let (mut a, _b) = pair(Protocol::C);

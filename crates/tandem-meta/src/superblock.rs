@@ -60,11 +60,17 @@ pub mod flags {
     /// peer may hold it (tandem's own: DRBD has no such flag). A rotation
     /// keeps such a generation in history and replaces one that is not.
     pub const CURRENT_SHARED: u32 = 1 << 8;
+    /// This node was Primary when its bitmap generation stopped being its
+    /// current one (DRBD keeps this in bit 0 of the bitmap UUID): after a
+    /// split, set on the node that was Primary when the link went and clear
+    /// on one promoted while apart. `after-sb-0pri = discard-younger-primary`
+    /// and `discard-older-primary` decide by it.
+    pub const BITMAP_WAS_PRIMARY: u32 = 1 << 9;
     /// All known flags.
-    pub const ALL: u32 = (1 << 9) - 1;
+    pub const ALL: u32 = (1 << 10) - 1;
 
     /// Names for dumps, in bit order.
-    pub const NAMES: [(u32, &str); 9] = [
+    pub const NAMES: [(u32, &str); 10] = [
         (CONSISTENT, "consistent"),
         (PRIMARY_IND, "primary-ind"),
         (CONNECTED_IND, "connected-ind"),
@@ -74,6 +80,7 @@ pub mod flags {
         (CRASHED_PRIMARY, "crashed-primary"),
         (AL_CLEAN, "al-clean"),
         (CURRENT_SHARED, "current-shared"),
+        (BITMAP_WAS_PRIMARY, "bitmap-was-primary"),
     ];
 }
 

@@ -158,6 +158,15 @@ pub struct Options {
     pub split_brain: tandem_core::SplitBrainPolicy,
     /// Keep the whole trace instead of its tail.
     pub full_trace: bool,
+    /// A StandAlone pair is repaired with `connect --discard-my-data`
+    /// (else, as before 2026-12-08, by copying the disks; the regression
+    /// seeds of `tests/core_bugs.rs` replay with that, as they were found).
+    pub discard_repair: bool,
+    /// Half the seeds whose `after-sb-0pri` is `discard-least-changes` or
+    /// `discard-zero-changes` use `discard-younger-primary` or
+    /// `discard-older-primary` instead (off for the regression seeds, as
+    /// above).
+    pub age_policies: bool,
 }
 
 impl Options {
@@ -182,6 +191,8 @@ impl Options {
             reconnect_during_peer_io: true,
             sabotage: None,
             full_trace: false,
+            discard_repair: true,
+            age_policies: true,
             split_brain: match (seed / 3) % 3 {
                 0 => tandem_core::SplitBrainPolicy::default(),
                 1 => tandem_core::SplitBrainPolicy {
@@ -237,6 +248,8 @@ impl Options {
                 "overlapping_writes" => self.overlapping_writes = flag()?,
                 "promote_during_peer_io" => self.promote_during_peer_io = flag()?,
                 "reconnect_during_peer_io" => self.reconnect_during_peer_io = flag()?,
+                "discard_repair" => self.discard_repair = flag()?,
+                "age_policies" => self.age_policies = flag()?,
                 "all_bugs" => {
                     let on = flag()?;
                     self.overlapping_writes = on;
@@ -278,6 +291,9 @@ pub struct Stats {
     /// Split brains resolved at a connect with the node told to discard
     /// its data as the SyncTarget.
     pub discarded_by_operator: u64,
+    /// Split-brain victims resynced under `after-sb-0pri =
+    /// discard-younger-primary / discard-older-primary`.
+    pub age_policy_victims: u64,
     /// Resyncs that finished.
     pub resyncs: u64,
     /// Connects where a SyncSource that missed its resync's end resumed
@@ -332,6 +348,7 @@ impl Stats {
             repairs,
             discard_repairs,
             discarded_by_operator,
+            age_policy_victims,
             resyncs,
             missed_resync_ends,
             disk_state_syncs,
@@ -356,7 +373,7 @@ impl fmt::Display for Stats {
             "runs {}, steps {}, writes {} submitted / {} completed / {} failed, flushes {}, \
              requests dropped by crashes {}, frames {}, link drops {}, link ups {}, connections {}, \
              daemon crashes {}, machine crashes {}, promotions {}, demotions {}, rogue promotions {}, \
-             split brains {}, repairs {} ({} by discard-my-data, {} victims resynced so), resyncs {} (missed ends {}, by disk states {}), verifies {}, invalidates {}, AL busy {}, peer completion checks {}, peer flush checks {}, \
+             split brains {} ({} victims by younger/older-primary), repairs {} ({} by discard-my-data, {} victims resynced so), resyncs {} (missed ends {}, by disk states {}), verifies {}, invalidates {}, AL busy {}, peer completion checks {}, peer flush checks {}, \
              split-brain checks {}, disk comparisons {} ({} differing blocks, all marked), \
              blocks marked by AL replay {}, disks detached after errors {}",
             self.runs,
@@ -376,6 +393,7 @@ impl fmt::Display for Stats {
             self.demotions,
             self.rogue_promotions,
             self.split_brains,
+            self.age_policy_victims,
             self.repairs,
             self.discard_repairs,
             self.discarded_by_operator,
@@ -795,7 +813,7 @@ impl Sim {
                 // A third of the seeds throttle the source under client I/O.
                 c_min_rate: if self.seed % 3 == 2 { 1 << 20 } else { 1 << 40 },
                 source_on_tie: n == 0,
-                split_brain: self.opts.split_brain,
+                split_brain: self.split_brain_policy(),
                 fencing: self.seed % 2 == 1,
                 csums: self.seed % 4 >= 2,
                 // Disk errors pass the error on for half the seeds and
@@ -814,6 +832,20 @@ impl Sim {
         let node = &mut self.nodes[n];
         node.core = Some(core);
         node.down_until = None;
+    }
+
+    /// The policies the cores run with (see [`Options::age_policies`]).
+    fn split_brain_policy(&self) -> tandem_core::SplitBrainPolicy {
+        use tandem_core::AfterSb0Pri as Z;
+        let mut p = self.opts.split_brain;
+        if self.opts.age_policies && (self.seed / 9) % 2 == 1 {
+            p.zero = match p.zero {
+                Z::DiscardLeastChanges => Z::DiscardYoungerPrimary,
+                Z::DiscardZeroChanges => Z::DiscardOlderPrimary,
+                z => z,
+            };
+        }
+        p
     }
 
     // ---- feeding the cores ----
@@ -864,6 +896,12 @@ impl Sim {
             self.nodes[n].wrote_apart = false;
             if discarding {
                 self.stats.discarded_by_operator += 1;
+            } else if matches!(
+                self.split_brain_policy().zero,
+                tandem_core::AfterSb0Pri::DiscardYoungerPrimary
+                    | tandem_core::AfterSb0Pri::DiscardOlderPrimary
+            ) {
+                self.stats.age_policy_victims += 1;
             }
         }
         self.note(|| format!("n{n} <- {ev:?}  [{pre} -> {post}]"));
@@ -1808,10 +1846,11 @@ impl Sim {
             .unwrap_or_else(|| self.rng.index(2)),
         };
         let target = 1 - source;
-        if self
-            .nodes
-            .iter()
-            .any(|x| x.cstate() == Some(ConnState::StandAlone))
+        if self.opts.discard_repair
+            && self
+                .nodes
+                .iter()
+                .any(|x| x.cstate() == Some(ConnState::StandAlone))
             && self.discard_repair(target)?
         {
             if primaries.contains(&source) {

@@ -4,15 +4,20 @@
 //!
 //! Run an open one with `cargo test -p tandem-sim --test core_bugs <name> --
 //! --ignored --nocapture`, or replay its seed with the whole trace:
-//! `TANDEM_SIM_OPTS=<opts> TANDEM_SIM_SEED=<seed> cargo test -p tandem-sim
+//! `TANDEM_SIM_OPTS=discard_repair=0,age_policies=0,<opts> TANDEM_SIM_SEED=<seed> cargo test -p tandem-sim
 //! --test seeds many_seeds -- --nocapture`.
 
 #![allow(clippy::unwrap_used)]
 
 use tandem_sim::{run, Options};
 
+/// The seeds replay the schedule they were found with: repairs by copying
+/// the disks and the split-brain policies of that time.
 fn replay(seed: u64, opts: &str) {
-    let o = Options::for_seed(seed).with(opts).unwrap();
+    let o = Options::for_seed(seed)
+        .with("discard_repair=0,age_policies=0")
+        .and_then(|o| o.with(opts))
+        .unwrap();
     if let Err(f) = run(seed, &o) {
         panic!("{f}\nwith TANDEM_SIM_OPTS={opts}");
     }

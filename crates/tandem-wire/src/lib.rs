@@ -24,7 +24,7 @@ pub use stream::{write_message, Frame, FrameReader};
 
 /// Version of this protocol. A node refuses a peer whose `Hello` carries a
 /// different version: mixing versions is never silently attempted.
-pub const PROTOCOL_VERSION: u16 = 4;
+pub const PROTOCOL_VERSION: u16 = 5;
 
 /// Most bitmap runs in one `Bitmap` frame.
 pub const MAX_BITMAP_RUNS: usize = 4096;
