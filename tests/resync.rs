@@ -387,6 +387,33 @@ fn after_sb_0pri_younger_and_older_primary_pick_their_victim() {
     }
 }
 
+/// `new-current-uuid` without `--clear-bitmap`: refused while connected;
+/// on a Primary whose peer is away it begins a new generation, and the
+/// peer is resynced from the bitmap at the next connect (no split brain).
+#[test]
+fn new_current_uuid_on_a_disconnected_primary_is_followed_by_the_peer() {
+    require_tool("nbdsh");
+    let pair = Pair::connected(PairOptions::default());
+    let line = pair.refused(Alpha, &["new-current-uuid", RES]);
+    assert!(line.contains("while connected"), "{line}");
+    pair.ok(Beta, &["disconnect", RES]);
+    pair.wait_for(Alpha, "cstate", "WFConnection", STATE_TIMEOUT);
+    write_blocks(&pair, Alpha, &[5, 6], 0x5a);
+    let before = pair.status(Alpha)["current-uuid"].clone();
+    pair.ok(Alpha, &["new-current-uuid", RES]);
+    let after = pair.status(Alpha)["current-uuid"].clone();
+    assert!(before.is_string() && after.is_string(), "{before} {after}");
+    assert_ne!(before, after, "a new current generation");
+    write_blocks(&pair, Alpha, &[7], 0x5b);
+    pair.ok(Beta, &["connect", RES]);
+    pair.wait_for(Beta, "dstate", "UpToDate/UpToDate", SYNC_TIMEOUT);
+    pair.wait_for(Alpha, "cstate", "Connected", STATE_TIMEOUT);
+    let a = pair.status(Alpha);
+    assert_eq!(counter(&a, "resync-bytes-sent"), 3 * 4096, "{a:#}");
+    assert!(!pair.log(Alpha).contains("split brain detected"));
+    assert_replicas_identical(&pair, "after new-current-uuid");
+}
+
 #[test]
 fn after_sb_1pri_discard_secondary_recovers_by_itself() {
     require_tool("nbdsh");

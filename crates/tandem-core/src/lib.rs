@@ -1083,6 +1083,34 @@ impl Core {
         Ok(())
     }
 
+    /// `new-current-uuid` (without `--clear-bitmap`): begin a new data
+    /// generation here, as DRBD does; the one left behind becomes the
+    /// bitmap generation (when none is set yet), so the peer, still on it,
+    /// is found behind by this node's bitmap at the next connect and
+    /// resynced from it. Only without a peer (a rotation while connected
+    /// would make the two nodes' generations disagree about data they
+    /// both hold) and only on UpToDate data (a generation on anything less
+    /// would later pass for good data).
+    pub fn new_current_uuid_verb(&mut self, out: &mut Vec<Action>) -> Result<(), Refusal> {
+        if self.cstate.is_connected() || self.cstate == ConnState::WFReportParams {
+            return Err(Refusal::Other(
+                "refusing to start a new generation while connected (disconnect first; --clear-bitmap is for a fresh connected pair)".into(),
+            ));
+        }
+        if self.disk != DiskState::UpToDate {
+            return Err(Refusal::Other(format!(
+                "refusing to start a new generation: the local data is {}, not UpToDate",
+                self.disk
+            )));
+        }
+        self.new_current_uuid(out);
+        out.push(Action::Log(format!(
+            "new current generation; generations now {}",
+            fmt_gens(&self.gens)
+        )));
+        Ok(())
+    }
+
     /// `detach`: give up the local disk. Only a Secondary can (a Primary
     /// would have to read through its peer, which tandem does not do yet),
     /// and only when no peer write is in flight; the driver closes the

@@ -776,6 +776,60 @@ fn younger_and_older_primary_policies_pick_their_victim() {
     }
 }
 
+/// `new-current-uuid` without `--clear-bitmap`: refused while connected
+/// and on data that is not UpToDate; otherwise a new generation that the
+/// peer, still on the old one, is resynced to at the next connect (no
+/// split brain).
+#[test]
+fn new_current_uuid_begins_a_generation_the_peer_follows() {
+    let (mut a, mut b) = pair(Protocol::C);
+    let err = a.core.new_current_uuid_verb(&mut a.actions).unwrap_err();
+    assert!(err.to_string().contains("while connected"), "{err}");
+    for n in [&mut a, &mut b] {
+        n.feed(Event::LinkDown {
+            link: 1,
+            cause: ConnState::NetworkFailure,
+        });
+    }
+    let before = a.core.generations();
+    a.core.new_current_uuid_verb(&mut a.actions).unwrap();
+    let after = a.core.generations();
+    assert_ne!(after.current, before.current);
+    assert_eq!(
+        after.bitmap,
+        b.core.generations().current,
+        "b is on the bitmap generation"
+    );
+    assert!(a
+        .take()
+        .iter()
+        .any(|x| matches!(x, Action::PersistGenerations(g) if *g == after)));
+    b.take();
+    a.feed(Event::LinkUp { link: 2 });
+    b.feed(Event::LinkUp { link: 2 });
+    for _ in 0..4 {
+        let to_b = sends(&a.take());
+        let to_a = sends(&b.take());
+        for p in to_b {
+            b.feed(Event::Packet { link: 2, packet: p });
+        }
+        for p in to_a {
+            a.feed(Event::Packet { link: 2, packet: p });
+        }
+    }
+    assert_eq!(b.core.cstate(), ConnState::SyncTarget, "b resyncs from a");
+    let mut c = Node::new(
+        Protocol::C,
+        Attached {
+            flags: 0,
+            ..attached_up_to_date(0xAAA0)
+        },
+        3,
+    );
+    let err = c.core.new_current_uuid_verb(&mut c.actions).unwrap_err();
+    assert!(err.to_string().contains("not UpToDate"), "{err}");
+}
+
 #[test]
 fn stale_link_events_are_ignored() {
     let (mut a, _b) = pair(Protocol::C);

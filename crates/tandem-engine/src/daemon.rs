@@ -2278,15 +2278,14 @@ impl Actor {
                 Response::ok("")
             }
             "new-current-uuid" => {
-                if !req.clear_bitmap {
-                    Response::refused(
-                        "new-current-uuid without --clear-bitmap is not supported yet",
-                    )
+                let r = if req.clear_bitmap {
+                    self.core.new_current_uuid_clear_bitmap(&mut out)
                 } else {
-                    match self.core.new_current_uuid_clear_bitmap(&mut out) {
-                        Ok(()) => Response::ok(""),
-                        Err(e) => Response::refused(e.to_string()),
-                    }
+                    self.core.new_current_uuid_verb(&mut out)
+                };
+                match r {
+                    Ok(()) => Response::ok(""),
+                    Err(e) => Response::refused(e.to_string()),
                 }
             }
             "detach" => return self.detach().await,
