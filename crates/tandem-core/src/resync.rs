@@ -251,6 +251,13 @@ impl Core {
                     self.gens.bitmap
                 } else {
                     let uuid = self.fresh_uuid();
+                    // A bitmap generation begun here describes this node's
+                    // role on it too (see `new_current_uuid`).
+                    if self.role == Role::Primary {
+                        self.persist_flags(flags::BITMAP_WAS_PRIMARY, 0, out);
+                    } else {
+                        self.persist_flags(0, flags::BITMAP_WAS_PRIMARY, out);
+                    }
                     self.gens.bitmap = uuid;
                     out.push(Action::PersistGenerations(self.gens));
                     uuid

@@ -1484,14 +1484,17 @@ impl Actor {
                         (big, current, dev.is_direct() || self.no_sendfile)
                     {
                         let tx = self.tx.clone();
+                        // The daemon's runtime, not the writer's: a writer
+                        // on a thread of its own (protocol A) drops the
+                        // tasks left on its runtime when it ends, and with
+                        // them a report of frames dropped then.
+                        let rt = tokio::runtime::Handle::current();
                         let done = Box::new(move |r: io::Result<()>| {
                             // Called from the writer (or wherever the frame
                             // is dropped), which must not wait on the actor.
-                            if let Ok(rt) = tokio::runtime::Handle::try_current() {
-                                rt.spawn(async move {
-                                    let _ = tx.send(Input::RsSent(op, len, r)).await;
-                                });
-                            }
+                            rt.spawn(async move {
+                                let _ = tx.send(Input::RsSent(op, len, r)).await;
+                            });
                         });
                         // The frame reads its payload into pipes as soon
                         // as it exists, ahead of the writer (or starts

@@ -138,6 +138,8 @@ pub struct FileFrame {
     /// The payload read into pipes on the blocking pool since the frame
     /// was queued (`None` inside: no pipes; it goes with `sendfile`).
     prefetch: Option<tokio::sync::oneshot::Receiver<Option<Piped>>>,
+    /// What `prefetch` gave, once taken.
+    fetched: Option<Piped>,
 }
 
 /// How long the writer waits, at the head of the queue, for a file
@@ -183,16 +185,36 @@ impl FileFrame {
             len,
             done: Some(done),
             prefetch,
+            fetched: None,
         }
+    }
+
+    /// Whether the payload is still being read into pipes (taking it if
+    /// it is there).
+    fn fetching(&mut self) -> bool {
+        use tokio::sync::oneshot::error::TryRecvError;
+        let Some(rx) = self.prefetch.as_mut() else {
+            return false;
+        };
+        match rx.try_recv() {
+            Ok(p) => self.fetched = p,
+            Err(TryRecvError::Empty) => return true,
+            Err(TryRecvError::Closed) => {}
+        }
+        self.prefetch = None;
+        false
     }
 
     /// The payload in pipes, if they were filled within [`PREFETCH_WAIT`].
     async fn take_piped(&mut self) -> Option<Piped> {
-        let rx = self.prefetch.take()?;
-        match tokio::time::timeout(PREFETCH_WAIT, rx).await {
-            Ok(Ok(Some(piped))) if piped.len() == self.len => Some(piped),
-            _ => None,
-        }
+        let piped = match self.prefetch.take() {
+            Some(rx) => match tokio::time::timeout(PREFETCH_WAIT, rx).await {
+                Ok(Ok(p)) => p,
+                _ => None,
+            },
+            None => self.fetched.take(),
+        };
+        piped.filter(|p| p.len() == self.len)
     }
 
     fn finish(&mut self, r: io::Result<()>) {
@@ -609,6 +631,14 @@ async fn write_frames(
                         continue;
                     }
                     Out::File(mut f) => {
+                        // Frames gathered ahead of it (acks, a replicated
+                        // write) do not wait for its payload.
+                        if f.fetching() && !buf.is_empty() {
+                            if let Err(e) = w.write_all(&buf).await {
+                                return Err(format!("send failed: {e}"));
+                            }
+                            buf.clear();
+                        }
                         if let Some(piped) = f.take_piped().await {
                             tandem_wire::encode_bulk_head(&f.head, f.len, &mut buf);
                             let r = send_with_pipes(w, &mut buf, piped).await;

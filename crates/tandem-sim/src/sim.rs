@@ -373,7 +373,7 @@ impl fmt::Display for Stats {
             "runs {}, steps {}, writes {} submitted / {} completed / {} failed, flushes {}, \
              requests dropped by crashes {}, frames {}, link drops {}, link ups {}, connections {}, \
              daemon crashes {}, machine crashes {}, promotions {}, demotions {}, rogue promotions {}, \
-             split brains {} ({} victims by younger/older-primary), repairs {} ({} by discard-my-data, {} victims resynced so), resyncs {} (missed ends {}, by disk states {}), verifies {}, invalidates {}, AL busy {}, peer completion checks {}, peer flush checks {}, \
+             split brains {} ({} victims decided by younger/older-primary), repairs {} ({} by discard-my-data, {} victims resynced so), resyncs {} (missed ends {}, by disk states {}), verifies {}, invalidates {}, AL busy {}, peer completion checks {}, peer flush checks {}, \
              split-brain checks {}, disk comparisons {} ({} differing blocks, all marked), \
              blocks marked by AL replay {}, disks detached after errors {}",
             self.runs,
@@ -574,6 +574,9 @@ struct Node {
     /// the pair last held the same data generation: only when both nodes
     /// did may a connect report split brain.
     gen_apart: bool,
+    /// The last connect found split brain and left this node StandAlone:
+    /// what `connect --discard-my-data` is for.
+    split_brain_standalone: bool,
     /// The daemon restarts at this step.
     down_until: Option<usize>,
 }
@@ -604,6 +607,7 @@ impl Node {
             gen_needed: false,
             wrote_apart: false,
             gen_apart: false,
+            split_brain_standalone: false,
             down_until: None,
         }
     }
@@ -627,6 +631,8 @@ impl Node {
         self.core_link = None;
         self.done.clear();
         self.gen_needed = false;
+        // A restarted daemon is not StandAlone.
+        self.split_brain_standalone = false;
         dropped
     }
 
@@ -866,6 +872,7 @@ impl Sim {
         core.handle(ev.clone(), &mut acts);
         let post = core.cstate();
         let role = core.role();
+        let peer_role = Some(core.peer_role());
         if !(post.is_connected() || post == ConnState::WFReportParams) {
             node.core_link = None;
         }
@@ -884,9 +891,13 @@ impl Sim {
             .filter(|(_, (l, _, _))| Some(*l) != live)
             .map(|(&r, _)| r)
             .collect();
-        if post == ConnState::WFBitMapT
-            && acts.iter().any(|a| matches!(a, Action::SplitBrain { .. }))
-        {
+        let found_split_brain = acts.iter().any(|a| matches!(a, Action::SplitBrain { .. }));
+        if found_split_brain && post == ConnState::StandAlone {
+            self.nodes[n].split_brain_standalone = true;
+        } else if post.is_connected() {
+            self.nodes[n].split_brain_standalone = false;
+        }
+        if post == ConnState::WFBitMapT && found_split_brain {
             // Split brain resolved with this node as the victim: what it
             // acknowledged apart is discarded by design, and until the
             // resync is done it holds no consistent data to check. Its
@@ -900,7 +911,13 @@ impl Sim {
                 self.split_brain_policy().zero,
                 tandem_core::AfterSb0Pri::DiscardYoungerPrimary
                     | tandem_core::AfterSb0Pri::DiscardOlderPrimary
-            ) {
+            ) && role != Role::Primary
+                && peer_role != Some(Role::Primary)
+                && !acts.iter().any(|a| {
+                    matches!(a, Action::Log(l) if l.contains("both nodes or neither were Primary"))
+                })
+            {
+                // Decided by the flag, with no Primary on either side.
                 self.stats.age_policy_victims += 1;
             }
         }
@@ -1850,7 +1867,7 @@ impl Sim {
             && self
                 .nodes
                 .iter()
-                .any(|x| x.cstate() == Some(ConnState::StandAlone))
+                .any(|x| x.split_brain_standalone && x.cstate() == Some(ConnState::StandAlone))
             && self.discard_repair(target)?
         {
             if primaries.contains(&source) {
@@ -1922,9 +1939,10 @@ impl Sim {
             let Some(core) = self.nodes[n].core.as_mut() else {
                 return Ok(false);
             };
-            if n == target {
-                core.set_discard_my_data(true);
-            }
+            // As the verb does: `connect` sets the flag to what it is
+            // given, so the survivor's plain `connect` clears one left
+            // from an earlier attempt.
+            core.set_discard_my_data(n == target);
             core.connect();
         }
         self.stats.repairs += 1;

@@ -84,7 +84,10 @@ fn assert_explores(s: &Stats, seeds: u64) {
         ("repairs", s.repairs),
         ("repairs by discard-my-data", s.discard_repairs),
         ("discard-my-data victims resynced", s.discarded_by_operator),
-        ("younger/older-primary victims", s.age_policy_victims),
+        (
+            "victims decided by younger/older-primary",
+            s.age_policy_victims,
+        ),
         ("AL busy", s.al_busy),
         ("peer completion checks", s.peer_completion_checks),
         ("peer flush checks", s.peer_flush_checks),
