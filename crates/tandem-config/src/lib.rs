@@ -483,7 +483,19 @@ fn read_net(s: &mut Section<'_>) -> Result<NetConfig, ConfigError> {
     Ok(NetConfig {
         shared_secret,
         ping_int: duration(s, "ping-int", d.ping_int)?,
-        ping_timeout: duration(s, "ping-timeout", d.ping_timeout)?,
+        ping_timeout: {
+            let t = duration(s, "ping-timeout", d.ping_timeout)?;
+            // DRBD's floor (its unit is a tenth of a second). Below it a
+            // link drops whenever a wake-up or a frame boundary comes late
+            // (the link writer may hold an owed ping for up to 20 ms).
+            if t < Duration::from_millis(100) {
+                return Err(s.error(
+                    "ping-timeout",
+                    format!("must be at least \"100ms\", found \"{}ms\"", t.as_millis()),
+                ));
+            }
+            t
+        },
         timeout: duration(s, "timeout", d.timeout)?,
         connect_int: duration(s, "connect-int", d.connect_int)?,
         data_integrity: choose(

@@ -257,6 +257,7 @@ fn errors_name_file_key_and_expectation() {
         (with_net("ping-int = \"ten\""), "net.ping-int: expected a duration like \"10s\" or \"500ms\", found \"ten\"".into()),
         (with_net("ping-int = 10"), "net.ping-int: expected a duration like \"10s\" or \"500ms\", found 10".into()),
         (with_net("ping-timeout = \"0ms\""), "net.ping-timeout: must be longer than zero, found \"0ms\"".into()),
+        (with_net("ping-timeout = \"99ms\""), "net.ping-timeout: must be at least \"100ms\", found \"99ms\"".into()),
         (with_net("timeout = \"-1s\""), "net.timeout: expected a duration like \"10s\" or \"500ms\", found \"-1s\"".into()),
         (with_net("timeout = \"0s\""), "net.timeout: must be longer than zero, found \"0s\"".into()),
         (with_net("connect-int = \"10\""), "net.connect-int: expected a duration like \"10s\" or \"500ms\", found \"10\"".into()),
