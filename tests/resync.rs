@@ -364,27 +364,34 @@ fn after_sb_0pri_younger_and_older_primary_pick_their_victim() {
         let union = make_split_brain(&pair);
         // No Primary left: the 0pri policy decides.
         pair.ok(Alpha, &["secondary", RES]);
-        pair.ok(Alpha, &["connect", RES]);
-        pair.ok(Beta, &["connect", RES]);
-        pair.wait_for(loser, "dstate", "UpToDate/UpToDate", SYNC_TIMEOUT);
-        pair.wait_for(winner, "cstate", "Connected", STATE_TIMEOUT);
-        let log = pair.log(loser);
-        assert!(
-            log.contains("split brain resolved: this node's data is discarded"),
-            "{policy}: {loser}:\n{log}"
-        );
-        let w = pair.status(winner);
-        assert_eq!(counter(&w, "resync-bytes-sent"), union, "{policy}: {w:#}");
-        assert_replicas_identical(&pair, policy);
-        // Block 2 was written by alpha apart, block 3 by beta.
-        let img = std::fs::read(pair.disk(loser)).unwrap();
-        let (b2, b3) = if matches!(winner, Alpha) {
-            (0xaa, 0x11)
-        } else {
-            (0x11, 0xbb)
-        };
-        assert_eq!((img[2 * 4096], img[3 * 4096]), (b2, b3), "{policy}");
+        resolves_by_itself(&pair, loser, winner, union, policy);
     }
+}
+
+/// Connect a pair split by `make_split_brain`: the policy makes `loser` the
+/// SyncTarget by itself, only the union of the changed blocks travels, and
+/// the replicas end with `winner`'s data.
+fn resolves_by_itself(pair: &Pair, loser: pair::Node, winner: pair::Node, union: u64, what: &str) {
+    pair.ok(Alpha, &["connect", RES]);
+    pair.ok(Beta, &["connect", RES]);
+    pair.wait_for(loser, "dstate", "UpToDate/UpToDate", SYNC_TIMEOUT);
+    pair.wait_for(winner, "cstate", "Connected", STATE_TIMEOUT);
+    let log = pair.log(loser);
+    assert!(
+        log.contains("split brain resolved: this node's data is discarded"),
+        "{what}: {loser}:\n{log}"
+    );
+    let w = pair.status(winner);
+    assert_eq!(counter(&w, "resync-bytes-sent"), union, "{what}: {w:#}");
+    assert_replicas_identical(pair, what);
+    // Block 2 was written by alpha apart, block 3 by beta.
+    let img = std::fs::read(pair.disk(loser)).unwrap();
+    let (b2, b3) = if matches!(winner, Alpha) {
+        (0xaa, 0x11)
+    } else {
+        (0x11, 0xbb)
+    };
+    assert_eq!((img[2 * 4096], img[3 * 4096]), (b2, b3), "{what}");
 }
 
 /// `new-current-uuid` without `--clear-bitmap`: refused while connected;
@@ -423,22 +430,7 @@ fn after_sb_1pri_discard_secondary_recovers_by_itself() {
         ..PairOptions::default()
     });
     let union = make_split_brain(&pair);
-    pair.ok(Alpha, &["connect", RES]);
-    pair.ok(Beta, &["connect", RES]);
-    pair.wait_for(Beta, "dstate", "UpToDate/UpToDate", SYNC_TIMEOUT);
-    pair.wait_for(Alpha, "cstate", "Connected", STATE_TIMEOUT);
-    let log = pair.log(Beta);
-    assert!(
-        log.contains("split brain resolved: this node's data is discarded"),
-        "{log}"
-    );
-    let a = pair.status(Alpha);
-    assert_eq!(counter(&a, "resync-bytes-sent"), union, "{a:#}");
-    assert_replicas_identical(&pair, "after discard-secondary");
-    // Alpha's data won: its value at block 2, not beta's at block 3.
-    let img = std::fs::read(pair.disk(Beta)).unwrap();
-    assert_eq!(img[2 * 4096], 0xaa);
-    assert_eq!(img[3 * 4096], 0x11);
+    resolves_by_itself(&pair, Beta, Alpha, union, "after discard-secondary");
 }
 
 #[test]

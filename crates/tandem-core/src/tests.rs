@@ -101,19 +101,24 @@ fn completed(acts: &[Action]) -> Vec<(ReqId, Result<(), IoFailure>)> {
         .collect()
 }
 
+/// Deliver every frame each node has produced to the other, once.
+fn deliver_round(a: &mut Node, b: &mut Node, link: u64) {
+    let to_b = sends(&a.take());
+    let to_a = sends(&b.take());
+    for p in to_b {
+        b.feed(Event::Packet { link, packet: p });
+    }
+    for p in to_a {
+        a.feed(Event::Packet { link, packet: p });
+    }
+}
+
 /// Connect two nodes: exchange state reports until both are Connected.
 fn connect(a: &mut Node, b: &mut Node) {
     a.feed(Event::LinkUp { link: 1 });
     b.feed(Event::LinkUp { link: 1 });
     for _ in 0..4 {
-        let to_b = sends(&a.take());
-        let to_a = sends(&b.take());
-        for p in to_b {
-            b.feed(Event::Packet { link: 1, packet: p });
-        }
-        for p in to_a {
-            a.feed(Event::Packet { link: 1, packet: p });
-        }
+        deliver_round(a, b, 1);
     }
     assert_eq!(a.core.cstate(), ConnState::Connected);
     assert_eq!(b.core.cstate(), ConnState::Connected);
@@ -673,14 +678,7 @@ fn diverged_generations_are_split_brain() {
     b.take();
     a.feed(Event::LinkUp { link: 2 });
     b.feed(Event::LinkUp { link: 2 });
-    let to_b = sends(&a.take());
-    let to_a = sends(&b.take());
-    for p in to_b {
-        b.feed(Event::Packet { link: 2, packet: p });
-    }
-    for p in to_a {
-        a.feed(Event::Packet { link: 2, packet: p });
-    }
+    deliver_round(&mut a, &mut b, 2);
     for n in [&mut a, &mut b] {
         let acts = n.take();
         assert!(
@@ -719,14 +717,7 @@ fn split_then_reconnect(
     b.take();
     a.feed(Event::LinkUp { link: 2 });
     b.feed(Event::LinkUp { link: 2 });
-    let to_b = sends(&a.take());
-    let to_a = sends(&b.take());
-    for p in to_b {
-        b.feed(Event::Packet { link: 2, packet: p });
-    }
-    for p in to_a {
-        a.feed(Event::Packet { link: 2, packet: p });
-    }
+    deliver_round(&mut a, &mut b, 2);
     let (aa, ba) = (a.take(), b.take());
     (a, b, aa, ba)
 }
@@ -808,14 +799,7 @@ fn new_current_uuid_begins_a_generation_the_peer_follows() {
     a.feed(Event::LinkUp { link: 2 });
     b.feed(Event::LinkUp { link: 2 });
     for _ in 0..4 {
-        let to_b = sends(&a.take());
-        let to_a = sends(&b.take());
-        for p in to_b {
-            b.feed(Event::Packet { link: 2, packet: p });
-        }
-        for p in to_a {
-            a.feed(Event::Packet { link: 2, packet: p });
-        }
+        deliver_round(&mut a, &mut b, 2);
     }
     assert_eq!(b.core.cstate(), ConnState::SyncTarget, "b resyncs from a");
     let mut c = Node::new(
